@@ -1,0 +1,17 @@
+"""The one exception type users see: a single line saying what was wrong and how to fix it."""
+
+
+class DensirayError(Exception):
+    """A user-facing error. The command line prints ``densiray: error: <message>`` and exits 2."""
+
+
+class DataError(DensirayError):
+    """Bad or unknown data: a missing file, NaN/inf, non-numeric columns, too few rows."""
+
+
+class ConfigError(DensirayError):
+    """A configuration that does not validate."""
+
+
+class StoreError(DensirayError):
+    """A model store problem: unknown model, corrupt or tampered folder, bad name."""

@@ -1,0 +1,329 @@
+"""Deep Neural Mixture Model (Trentin, Neural Processing Letters 2023, arXiv 2012.03391).
+
+    p(x) = sum_i pi_i * phi_i(x) / Z_i
+
+Hard constraints: ``pi`` on the simplex (softmax), every ``phi_i >= 0`` (built in log space), and
+each component divided by its numerically estimated integral ``Z_i``. Soft constraint: the training
+loss adds ``rho * sum_i (1 - Z_i)^2`` so that raw integrals stay near one.
+
+Two variants of ``phi_i``:
+
+* ``bounded`` (paper-faithful): ``phi_i(x) = lambda_i * sigmoid(h_i(x))`` on a box around the training
+  data (adaptive amplitude ``lambda_i``), zero outside it. ``Z_i`` by scrambled Sobol quasi-Monte
+  Carlo over the box; its error grows quickly with the dimension, and points outside the box get
+  ``log p = -inf``.
+* ``proper`` (default): ``phi_i(x) = q_i(x) * exp(g_i(x))`` with a learnable Gaussian ``q_i`` (full
+  or diagonal covariance) and a bounded network ``g_i = B * tanh(h_i / B)``. This is a density on
+  all of R^d, so every point gets a finite log-density. ``Z_i = E_{q_i}[exp(g_i)]`` is estimated by
+  importance sampling from ``q_i`` itself; since ``exp(g_i)`` lies in ``[e^-B, e^B]`` the estimator's
+  relative variance is bounded whatever the dimension (it stays accurate at d = 64). Sampling is
+  exact rejection sampling from ``q_i`` with acceptance ``exp(g_i - B)``.
+
+Training uses fresh Monte Carlo estimates of ``log Z`` each step (reparameterised, so gradients
+reach the Gaussians); inference uses normalisers frozen from a large sample
+(:meth:`DNMM.freeze_normalizers`), so ``log_prob`` is deterministic and exactly reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+_ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus}
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class DNMMConfig(BaseModel):
+    """Architecture and integration settings of a DNMM (validated; unknown keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(0, ge=0, description="data dimension (set from the dataset)")
+    components: int = Field(8, ge=1, le=256, description="number of mixture components c")
+    hidden: int = Field(64, ge=1, le=4096, description="width of each component network")
+    depth: int = Field(2, ge=1, le=8, description="hidden layers of each component network")
+    activation: Literal["silu", "tanh", "relu", "gelu", "softplus"] = "silu"
+    variant: Literal["proper", "bounded"] = "proper"
+    covariance: Literal["full", "diag"] = Field("full", description="proper variant: base Gaussian covariance")
+    bound: float = Field(4.0, gt=0, le=20, description="proper variant: |g_i| <= bound")
+    rho: float = Field(0.1, ge=0, description="weight of the soft constraint rho * sum_i (1 - Z_i)^2")
+    integration_samples: int = Field(512, ge=16, description="Monte Carlo samples per component per step")
+    eval_integration_samples: int = Field(32768, ge=256, description="samples per component for evaluation")
+    box_margin: float = Field(0.1, ge=0, description="bounded variant: box = data range widened by this fraction")
+    init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
+
+
+class ComponentMLPs(nn.Module):
+    """``c`` independent MLPs R^d -> R evaluated together with batched matrix products."""
+
+    def __init__(self, c: int, d: int, hidden: int, depth: int, activation: str):
+        super().__init__()
+        sizes = [d] + [hidden] * depth
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(c, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(c, 1, fan_out).uniform_(-bound, bound)))
+        # The output layer starts at zero: h_i = 0, so the model starts at its base densities.
+        self.out_weight = nn.Parameter(torch.zeros(c, hidden, 1))
+        self.out_bias = nn.Parameter(torch.zeros(c, 1, 1))
+        self.act = _ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (N, d) shared by all components, or (c, N, d) one batch per component -> (c, N)."""
+        if x.dim() == 2:
+            h = torch.einsum("nd,cdh->cnh", x, self.weights[0]) + self.biases[0]
+        else:
+            h = torch.bmm(x, self.weights[0]) + self.biases[0]
+        h = self.act(h)
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = self.act(torch.bmm(h, w) + b)
+        return (torch.bmm(h, self.out_weight) + self.out_bias).squeeze(-1)
+
+    def forward_one(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Component ``i`` alone on ``x`` (N, d) -> (N,)."""
+        h = self.act(x @ self.weights[0][i] + self.biases[0][i])
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = self.act(h @ w[i] + b[i])
+        return (h @ self.out_weight[i] + self.out_bias[i]).squeeze(-1)
+
+
+def _logmeanexp(v: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.logsumexp(v, dim=dim) - math.log(v.shape[dim])
+
+
+class DNMM(nn.Module):
+    """A mixture of deep-network component densities; see the module docstring."""
+
+    def __init__(self, cfg: DNMMConfig):
+        super().__init__()
+        if cfg.dim < 1:
+            raise ValueError("DNMMConfig.dim must be set to the data dimension")
+        self.cfg = cfg
+        c, d = cfg.components, cfg.dim
+        self.logits = nn.Parameter(torch.zeros(c))
+        self.nets = ComponentMLPs(c, d, cfg.hidden, cfg.depth, cfg.activation)
+        if cfg.variant == "proper":
+            self.loc = nn.Parameter(torch.randn(c, d) * 0.5)
+            self.tril = nn.Parameter(torch.zeros(c, d, d))  # strictly lower part used (full covariance)
+            self.log_diag = nn.Parameter(torch.zeros(c, d))
+        else:
+            self.log_amp = nn.Parameter(torch.zeros(c))
+            self.register_buffer("lo", -3 * torch.ones(d))
+            self.register_buffer("hi", 3 * torch.ones(d))
+        # Frozen normalisers for inference (see freeze_normalizers); 0 = not yet frozen.
+        self.register_buffer("log_z", torch.zeros(c))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.int64))
+
+    # ----------------------------------------------------------------- initialisation
+    def init_from_data(self, x: np.ndarray, seed: int = 0) -> None:
+        """Data-dependent initialisation: GMM-fitted base Gaussians (proper) or the data box (bounded)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            if cfg.variant == "bounded":
+                lo, hi = x.min(0), x.max(0)
+                pad = cfg.box_margin * (hi - lo) + 1e-3
+                self.lo.copy_(torch.as_tensor(lo - pad))
+                self.hi.copy_(torch.as_tensor(hi + pad))
+                # sigmoid(0) = 1/2, so lambda = 2 / volume makes each component start uniform with Z = 1.
+                self.log_amp.fill_(math.log(2.0) - self.log_volume().item())
+                return
+            if cfg.init == "gmm":
+                from sklearn.mixture import GaussianMixture
+
+                n_comp = min(cfg.components, max(1, len(x) // 2))
+                gmm = GaussianMixture(n_comp, covariance_type=cfg.covariance, reg_covar=1e-4,
+                                      random_state=seed, max_iter=200).fit(x)
+                reps = int(math.ceil(cfg.components / n_comp))
+                means = np.tile(gmm.means_, (reps, 1))[: cfg.components]
+                covs = gmm.covariances_ if cfg.covariance == "full" else np.stack([np.diag(v) for v in gmm.covariances_])
+                chol = np.linalg.cholesky(np.tile(covs, (reps, 1, 1))[: cfg.components])
+                weights = np.tile(gmm.weights_, reps)[: cfg.components]
+                self.loc.copy_(torch.as_tensor(means))
+                self.tril.copy_(torch.as_tensor(np.tril(chol, -1)))
+                self.log_diag.copy_(torch.as_tensor(np.log(np.diagonal(chol, axis1=1, axis2=2))))
+                self.logits.copy_(torch.as_tensor(np.log(weights / weights.sum())))
+            else:
+                rng = np.random.default_rng(seed)
+                idx = rng.choice(len(x), size=cfg.components, replace=len(x) < cfg.components)
+                self.loc.copy_(torch.as_tensor(x[idx]))
+                self.log_diag.copy_(torch.as_tensor(np.log(x.std(0) + 1e-3)).expand_as(self.log_diag))
+
+    # ----------------------------------------------------------------- pieces
+    def log_weights(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits, dim=0)
+
+    def scale_tril(self) -> torch.Tensor:
+        diag = torch.diag_embed(torch.exp(self.log_diag))
+        if self.cfg.covariance == "diag":
+            return diag
+        return torch.tril(self.tril, diagonal=-1) + diag
+
+    def log_volume(self) -> torch.Tensor:
+        return torch.log(self.hi - self.lo).sum()
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """Each component's whitened coordinates z_i = L_i^-1 (x - mu_i): (N, d) -> (c, N, d)."""
+        diff = (x.unsqueeze(0) - self.loc.unsqueeze(1)).transpose(1, 2)  # (c, d, N)
+        return torch.linalg.solve_triangular(self.scale_tril(), diff, upper=False).transpose(1, 2)
+
+    def _base_log_prob_z(self, z: torch.Tensor) -> torch.Tensor:
+        """log q_i from whitened coordinates (c, N, d) -> (c, N)."""
+        return -0.5 * (z * z).sum(-1) - self.log_diag.sum(1, keepdim=True) - 0.5 * self.cfg.dim * _LOG_2PI
+
+    def _base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log q_i(x) for all components: (N, d) -> (c, N)."""
+        return self._base_log_prob_z(self._whiten(x))
+
+    def _g(self, z: torch.Tensor) -> torch.Tensor:
+        """The bounded modulation g_i, evaluated on each component's whitened coordinates (c, N, d)."""
+        b = self.cfg.bound
+        return b * torch.tanh(self.nets(z) / b)
+
+    def log_phi(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log component densities log phi_i(x): (N, d) -> (c, N)."""
+        if self.cfg.variant == "proper":
+            z = self._whiten(x)
+            return self._base_log_prob_z(z) + self._g(z)
+        inside = ((x >= self.lo) & (x <= self.hi)).all(1)
+        log_phi = self.log_amp.unsqueeze(1) + nn.functional.logsigmoid(self.nets(x))
+        return torch.where(inside.unsqueeze(0), log_phi, torch.full_like(log_phi, -math.inf))
+
+    def estimate_log_z(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Monte Carlo estimate of log Z_i with ``n`` samples per component.
+
+        Returns ``(log_z, rel_se)``: the estimate (differentiable) and the relative standard error of
+        ``Z_i`` (std of the importance weights / (sqrt(n) * mean)).
+        """
+        c, d = self.cfg.components, self.cfg.dim
+        dev, dt = self.logits.device, self.logits.dtype
+        if self.cfg.variant == "proper":
+            eps = torch.randn(c, n, d, generator=generator, device=dev, dtype=dt)
+            log_w = self._g(eps)  # (c, n): log of phi/q; eps are the samples' whitened coordinates
+        else:
+            engine = torch.quasirandom.SobolEngine(d, scramble=True,
+                                                   seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            u = engine.draw(n * c).to(device=dev, dtype=dt).view(c, n, d)
+            samples = self.lo + (self.hi - self.lo) * u
+            log_w = (self.log_amp + self.log_volume()).unsqueeze(1) + nn.functional.logsigmoid(self.nets(samples))
+        log_z = _logmeanexp(log_w, dim=1)
+        with torch.no_grad():
+            w = torch.exp(log_w - log_z.unsqueeze(1))
+            rel_se = w.std(1) / math.sqrt(n)
+        return log_z, rel_se
+
+    # ----------------------------------------------------------------- densities
+    def log_prob(self, x: torch.Tensor, log_z: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x) for x of shape (N, d), with the frozen normalisers unless ``log_z`` is given."""
+        if log_z is None:
+            if not int(self.frozen):
+                raise RuntimeError("normalisers are not frozen: call freeze_normalizers() or pass log_z")
+            log_z = self.log_z
+        comp = self.log_weights().unsqueeze(1) + self.log_phi(x) - log_z.unsqueeze(1)
+        return torch.logsumexp(comp, dim=0)
+
+    def forward(self, x: torch.Tensor, n_mc: int | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Log-densities of a batch (the engine's entry point, so ZeRO-3 can gather parameters).
+
+        With ``n_mc`` the normalisers are estimated afresh (``seed`` makes the draw repeatable);
+        without it the frozen ones are used. Returns ``log_prob`` (N,), ``log_z`` (c,), ``rel_se`` (c,).
+        """
+        if n_mc is None:
+            log_z, rel_se = self.log_z, torch.zeros_like(self.log_z)
+        else:
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=self.logits.device).manual_seed(seed)
+            log_z, rel_se = self.estimate_log_z(n_mc, gen)
+        return {"log_prob": self.log_prob(x, log_z), "log_z": log_z, "rel_se": rel_se}
+
+    def loss(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Negative log-likelihood plus the soft constraint ``rho * sum_i (1 - Z_i)^2``."""
+        penalty = ((1 - torch.exp(out["log_z"])) ** 2).sum()
+        return -out["log_prob"].mean() + self.cfg.rho * penalty
+
+    @torch.no_grad()
+    def freeze_normalizers(self, n: int = 131072, seed: int = 0, chunk: int = 16384) -> torch.Tensor:
+        """Estimate every log Z_i from ``n`` samples and store it; returns the relative standard errors."""
+        gen = torch.Generator(device=self.logits.device).manual_seed(seed)
+        log_ws, rel = [], []
+        for start in range(0, n, chunk):
+            lz, rse = self.estimate_log_z(min(chunk, n - start), gen)
+            log_ws.append(lz + math.log(min(chunk, n - start)))
+            rel.append(rse)
+        self.log_z.copy_(torch.logsumexp(torch.stack(log_ws), 0) - math.log(n))
+        self.frozen.fill_(1)
+        n_chunks = len(rel)
+        return torch.stack(rel).pow(2).sum(0).sqrt() / n_chunks
+
+    @torch.no_grad()
+    def integral(self, n: int = 131072, seed: int = 1, chunk: int = 16384) -> tuple[float, float]:
+        """An independent importance-sampling estimate of the integral of p and its standard error.
+
+        Proposal: the mixture of base Gaussians (proper) or uniform on the box (bounded), drawn with
+        a seed different from the one used to freeze the normalisers.
+        """
+        gen = torch.Generator(device=self.logits.device).manual_seed(seed)
+        ratios = []
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            if self.cfg.variant == "proper":
+                x = self._sample_base(m, gen)
+                log_q = torch.logsumexp(self.log_weights().unsqueeze(1) + self._base_log_prob(x), 0)
+            else:
+                u = torch.rand(m, self.cfg.dim, generator=gen, device=self.lo.device, dtype=self.lo.dtype)
+                x = self.lo + (self.hi - self.lo) * u
+                log_q = -self.log_volume().expand(m)
+            ratios.append(torch.exp(self.log_prob(x) - log_q))
+        r = torch.cat(ratios).double()
+        return float(r.mean()), float(r.std() / math.sqrt(len(r)))
+
+    # ----------------------------------------------------------------- sampling
+    def _sample_base(self, n: int, gen: torch.Generator | None) -> torch.Tensor:
+        comp = torch.multinomial(torch.exp(self.log_weights()), n, replacement=True, generator=gen)
+        eps = torch.randn(n, self.cfg.dim, generator=gen, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc[comp] + torch.einsum("nij,nj->ni", self.scale_tril()[comp], eps)
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, max_proposals: int = 50_000_000) -> tuple[torch.Tensor, float]:
+        """Exact samples by rejection from each component's proposal; returns ``(samples, efficiency)``.
+
+        Components are drawn by ``pi``; a proposal from ``q_i`` (proper) or the box (bounded) is kept
+        with probability ``exp(g_i - B)`` or ``sigmoid(h_i)``. ``efficiency`` = accepted / proposed.
+        """
+        gen = torch.Generator(device=self.logits.device).manual_seed(seed)
+        c, d = self.cfg.components, self.cfg.dim
+        counts = torch.bincount(torch.multinomial(torch.exp(self.log_weights()), n, replacement=True, generator=gen),
+                                minlength=c)
+        out, proposed = [], 0
+        L = self.scale_tril() if self.cfg.variant == "proper" else None
+        for i in range(c):
+            need, got = int(counts[i]), []
+            rate = 0.5
+            while need > 0:
+                m = int(min(max(64, 1.2 * need / max(rate, 1e-3)), 1_000_000))
+                if self.cfg.variant == "proper":
+                    eps = torch.randn(m, d, generator=gen, device=self.loc.device, dtype=self.loc.dtype)
+                    x = self.loc[i] + eps @ L[i].T
+                    log_acc = self.cfg.bound * torch.tanh(self.nets.forward_one(i, eps) / self.cfg.bound) - self.cfg.bound
+                else:
+                    u = torch.rand(m, d, generator=gen, device=self.lo.device, dtype=self.lo.dtype)
+                    x = self.lo + (self.hi - self.lo) * u
+                    log_acc = nn.functional.logsigmoid(self.nets.forward_one(i, x))
+                keep = torch.rand(m, generator=gen, device=x.device, dtype=x.dtype).log() < log_acc
+                proposed += m
+                rate = max(float(keep.float().mean()), 1e-4)
+                got.append(x[keep][:need])
+                need -= len(got[-1])
+                if proposed > max_proposals:
+                    raise RuntimeError(f"rejection sampling accepted too few proposals (rate {rate:.2e})")
+            out.append(torch.cat(got) if got else torch.empty(0, d))
+        samples = torch.cat(out)
+        perm = torch.randperm(len(samples), generator=gen, device=samples.device)
+        return samples[perm], n / max(proposed, 1)
