@@ -14,7 +14,7 @@ import torch
 import densiray.store as store_mod
 from densiray import __version__
 from densiray.errors import StoreError
-from densiray.store import FORMAT, MANIFEST, WEIGHTS, Store, StoredModel, default_store_uri, load_model
+from densiray.store import FORMAT, MANIFEST, WEIGHTS, Store, StoredModel, default_store_uri
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -110,7 +110,7 @@ def test_default_store_and_relative_paths(tmp_path: Path, monkeypatch: pytest.Mo
     assert Store().uri == str(tmp_path / "models")
     monkeypatch.setenv("DENSIRAY_STORE", str(tmp_path / "elsewhere"))
     export(Store())
-    assert load_model("m1").name == "m1"
+    assert Store().read("m1").name == "m1"
     assert Store("rel").uri == str(tmp_path / "rel")
 
 

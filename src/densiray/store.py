@@ -61,7 +61,7 @@ def _is_name(name: object) -> bool:
     return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
 
-def _check_name(name: object, hint: str = "") -> str:
+def check_name(name: object, hint: str = "") -> str:
     """Return ``name`` if it is a valid model name, else raise StoreError."""
     if not _is_name(name):
         raise StoreError(f"invalid model name {name!r}: {_NAME_RULE}{hint}")
@@ -195,6 +195,14 @@ def _read_folder(fs: pafs.FileSystem, folder: str, shown: str) -> StoredModel:
     )
 
 
+def _dim(config: object) -> int | None:
+    """The data dimension recorded in a manifest config: ``config.dim`` or ``config.model.dim``."""
+    if not isinstance(config, dict):
+        return None
+    model = config.get("model")
+    return config.get("dim") or (model.get("dim") if isinstance(model, dict) else None)
+
+
 class Store:
     """A directory of exported models, local or behind a pyarrow filesystem URI."""
 
@@ -247,7 +255,7 @@ class Store:
         extra_files: dict[str, bytes] | None = None,
     ) -> str:
         """Write a model atomically into ``<store>/<name>/``, replacing any previous one; returns the folder."""
-        _check_name(name)
+        check_name(name)
         if not isinstance(kind, str) or not kind:
             raise StoreError(
                 f"model kind must be a non-empty string, got {kind!r}; pass the model family, e.g. kind='flow'"
@@ -338,7 +346,7 @@ class Store:
             folder = os.path.abspath(name_or_path)
             with self._io(f"read model folder {folder}"):
                 return _read_folder(pafs.LocalFileSystem(), folder, folder)
-        name = _check_name(name_or_path, hint=f", or pass the path of a model folder containing {MANIFEST}")
+        name = check_name(name_or_path, hint=f", or pass the path of a model folder containing {MANIFEST}")
         with self._io(f"read model {name!r} from {self.uri}"):
             if self._fs.get_file_info(self._fs_path(name)).type != pafs.FileType.Directory:
                 raise self._unknown(name)
@@ -367,7 +375,7 @@ class Store:
                         "name": name,
                         "kind": manifest.get("kind"),
                         "created": manifest.get("created"),
-                        "d": config.get("dim") if isinstance(config, dict) else None,
+                        "d": _dim(config),
                         "metrics": manifest.get("metrics"),
                         "path": self._shown(name),
                     }
@@ -376,7 +384,7 @@ class Store:
 
     def delete(self, name: str) -> None:
         """Delete model ``name`` and its folder."""
-        _check_name(name)
+        check_name(name)
         with self._io(f"delete model {name!r} from {self.uri}"):
             if not self.exists(name):
                 raise self._unknown(name)
@@ -404,6 +412,27 @@ class Store:
         )
 
 
-def load_model(path_or_name: str, store: str | None = None) -> StoredModel:
-    """Read a verified model by name from ``store`` (default store if None) or from a model folder path."""
-    return Store(store).read(path_or_name)
+def load_model(path_or_name: str, store: str | None = None):
+    """A ready model (e.g. :class:`~densiray.models.density.DensityModel`) from ``store`` or a folder.
+
+    The folder's hashes are verified and the weights read with safetensors (never unpickled); the
+    module is rebuilt from the manifest's kind and config and loaded strictly.
+    """
+    from densiray.data import Standardizer
+    from densiray.models import MODELS, build_model
+    from densiray.models.density import DensityModel
+
+    stored = Store(store).read(path_or_name)
+    manifest = stored.manifest
+    kind = manifest.get("kind")
+    if kind not in MODELS:
+        raise StoreError(f"model {stored.name!r} has kind {kind!r}, which this densiray cannot load "
+                         f"(known: {', '.join(sorted(MODELS))}); upgrade densiray")
+    try:
+        module = build_model(kind, manifest["config"]["model"])
+        module.load_state_dict(stored.tensors, strict=True)
+        transform = Standardizer.from_dict(manifest["transform"])
+    except Exception as e:  # a manifest that hashes fine but does not describe these weights
+        msg = " ".join(str(e).split())[:300]
+        raise StoreError(f"model {stored.name!r} does not match its manifest ({msg}); export it again") from e
+    return DensityModel(module, transform, manifest)

@@ -1,0 +1,217 @@
+"""The Python API behind the command line: validate → (local) Ray → engine → store.
+
+    import densiray.api as dr
+    summary = dr.train("dnmm", "moons", overrides={"train": {"epochs": 30}}, name="moons")
+    model = densiray.load_model("moons")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from densiray.errors import ConfigError, DensirayError
+from densiray.store import Store, check_name, default_store_uri
+
+
+class RunSpec(BaseModel):
+    """A training run as written in a YAML config file (every section optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = None
+    data_seed: int = 0
+    n: int | None = Field(None, description="rows of a synthetic dataset (default 4000)")
+    model: dict = Field(default_factory=dict, description="the family's model config")
+    train: dict = Field(default_factory=dict, description="engine settings (TrainConfig)")
+
+
+def validation_message(e: ValidationError, where: str) -> str:
+    """One line out of a pydantic error: every bad field with its reason."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].replace("Extra inputs are not permitted", "unknown setting")
+        parts.append(f"{where}{'.' if where else ''}{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def load_spec(config: str | os.PathLike | dict | None) -> RunSpec:
+    """A RunSpec from a YAML file, a dict or nothing (defaults)."""
+    if config is None:
+        return RunSpec()
+    if not isinstance(config, dict):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"no such config file: {path}")
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
+        if not isinstance(config, dict):
+            raise ConfigError(f"config {path} must be a mapping with keys dataset/model/train, got {type(config).__name__}")
+    try:
+        return RunSpec(**config)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, "config")) from e
+
+
+def _merge(spec: RunSpec, overrides: dict | None) -> RunSpec:
+    data = spec.model_dump()
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            data[key] = {**data.get(key, {}), **{k: v for k, v in value.items() if v is not None}}
+        elif value is not None:
+            data[key] = value
+    try:
+        return RunSpec(**data)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, "")) from e
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (or the ``ray job submit`` one), else start a local Ray."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def runs_uri(store: str | None) -> str:
+    """Where Ray Train keeps runs and checkpoints: ``<store>/.runs`` (shared storage on a cluster)."""
+    uri = store or default_store_uri()
+    if "://" in uri:
+        return uri.rstrip("/") + "/.runs"
+    return str(Path(uri).absolute() / ".runs")
+
+
+def _fs(uri: str):
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), uri
+
+
+def _run_marker(storage: str, name: str, config_hash: str, restart: bool) -> str:
+    """Decide between a fresh run and resuming one: returns "new", "resume" or "restart".
+
+    ``<runs>/<name>/densiray_run.json`` records the config hash and whether the run finished. An
+    unfinished run with the same config resumes; a finished one (or ``restart``) starts afresh; an
+    unfinished one with another config is refused, so a resume never mixes two configs.
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = _fs(storage)
+    run_dir, marker = f"{root}/{name}", f"{root}/{name}/densiray_run.json"
+    info = fs.get_file_info(marker)
+    action = "new"
+    if info.type == pafs.FileType.File:
+        with fs.open_input_stream(marker) as f:
+            previous = json.loads(f.read())
+        if restart or previous.get("done"):
+            action = "restart"
+        elif previous.get("config_hash") != config_hash:
+            raise ConfigError(f"run {name!r} exists unfinished with a different config; resume it with the same "
+                              f"config, pass --restart to discard it, or choose another --name")
+        else:
+            action = "resume"
+    elif restart:
+        action = "restart"
+    if action == "restart" and fs.get_file_info(run_dir).type == pafs.FileType.Directory:
+        fs.delete_dir(run_dir)
+    if action != "resume":
+        fs.create_dir(run_dir, recursive=True)
+        _write_marker(storage, name, config_hash, done=False)
+    return action
+
+
+def _write_marker(storage: str, name: str, config_hash: str, done: bool) -> None:
+    fs, root = _fs(storage)
+    with fs.open_output_stream(f"{root}/{name}/densiray_run.json") as f:
+        f.write(json.dumps({"config_hash": config_hash, "done": done}).encode())
+
+
+def build_task(kind: str, spec: RunSpec):
+    """The Task for ``kind``, with its data loaded and config validated (no Ray needed)."""
+    from densiray.train import TASKS
+
+    if kind not in TASKS:
+        raise ConfigError(f"unknown model family {kind!r}; available: {', '.join(sorted(TASKS))}")
+    if not spec.dataset:
+        raise ConfigError("no dataset: pass --dataset NAME|PATH or set 'dataset' in the config")
+    try:
+        return TASKS[kind](spec.dataset, spec.model, data_seed=spec.data_seed, n=spec.n)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, "model")) from e
+
+
+def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | dict | None = None,
+          overrides: dict | None = None, name: str | None = None, store: str | None = None,
+          restart: bool = False, plot: bool = True) -> dict:
+    """Train a model of family ``kind`` and export its best epoch to the store; returns a summary.
+
+    Everything is validated (config, data) before Ray starts. ``overrides`` = {"model": {...},
+    "train": {...}} from the command line take precedence over the config file.
+    """
+    from densiray.train.engine import TrainConfig, fit
+
+    spec = _merge(load_spec(config), {"dataset": dataset, **(overrides or {})})
+    try:
+        tc = TrainConfig(**spec.train)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, "train")) from e
+    task = build_task(kind, spec)
+    name = name or f"{kind}-{Path(spec.dataset).stem}"
+    check_name(name)
+    storage = runs_uri(store)
+    described = {**task.describe(), "train": tc.model_dump()}
+    config_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    action = _run_marker(storage, name, config_hash, restart)
+    if action == "resume":
+        print(f"densiray: resuming unfinished run {name!r} from its latest checkpoint")
+
+    ensure_ray()
+    t0 = time.perf_counter()
+    try:
+        result = fit(task, tc, name=name, storage=storage)
+    except DensirayError:
+        raise
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("^")]
+        raise DensirayError(f"training failed: {lines[-1] if lines else type(e).__name__}") from e
+    train_time = time.perf_counter() - t0
+    _write_marker(storage, name, config_hash, done=True)
+
+    import ray
+
+    provenance = {"run_name": name, "run_path": result.run_path, "checkpoint": result.checkpoint_path,
+                  "best_epoch": result.state["best_epoch"], "epochs_run": result.state["epoch"],
+                  "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
+                  "workers": tc.workers, "zero_stage": tc.zero_stage,
+                  "history": result.state.get("history", [])}
+    model = task.trained_model(result.best_weights)
+    extra = {}
+    if plot:
+        from densiray.plots import density_report
+
+        extra["report.png"] = density_report(model, task.test_x, provenance["history"],
+                                             title=f"{name}: {kind} on {task.dataset['name']}")
+    manifest = task.export(model, store=store, name=name, provenance=provenance,
+                           extra_files=extra, train_config=tc.model_dump())
+    path = Store(store).read(name).path
+    return {"name": name, "kind": kind, "path": path, "dataset": task.dataset["name"], "d": task.dataset["d"],
+            "metrics": manifest["metrics"], "best_epoch": provenance["best_epoch"],
+            "epochs_run": provenance["epochs_run"], "train_time_s": provenance["train_time_s"],
+            "plot": f"{path}/report.png" if plot else None, "resumed": action == "resume"}

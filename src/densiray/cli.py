@@ -1,0 +1,136 @@
+"""The ``densiray`` command. Failures print one line (``densiray: error: ...``) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from densiray import __version__
+from densiray.errors import DensirayError
+
+FAMILIES = ["dnmm"]  # families whose Task is implemented (see densiray.train.TASKS)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def print_summary(s: dict) -> None:
+    """A short human summary of a finished training run."""
+    m = s["metrics"]
+    print()
+    print(f"model      {s['name']}  ({s['kind']} on {s['dataset']}, d={s['d']})")
+    print(f"stored at  {s['path']}")
+    print(f"training   {s['epochs_run']} epochs in {s['train_time_s']:.1f} s, best epoch {s['best_epoch']}"
+          + ("  (resumed)" if s.get("resumed") else ""))
+    if "test_log_lik" in m:
+        print(f"held-out   test log-likelihood {_fmt(m['test_log_lik'])} ± {_fmt(m.get('test_log_lik_se'))} nats/sample"
+              f" (validation {_fmt(m.get('val_log_lik'))}; standardised units)")
+    if "integral" in m:
+        print(f"integral   ∫p = {m['integral']:.5f} ± {m['integral_se']:.5f} (independent estimate)")
+    if s.get("plot"):
+        print(f"plot       {s['plot']}")
+
+
+def _train(args) -> int:
+    import densiray.api as api
+
+    overrides = {"model": {}, "train": {"workers": args.workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
+                                        "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
+    summary = api.train(args.family, args.dataset, config=args.config, overrides=overrides, name=args.name,
+                        store=args.store, restart=args.restart)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def _models(args) -> int:
+    from densiray.store import Store
+
+    store = Store(args.store)
+    rows = store.list()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no models in {store.uri}")
+        return 0
+    print(f"{'name':24} {'kind':10} {'d':>4} {'test log-lik':>13} {'∫p':>8}  created")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:24} {'?':10} {'':>4} {'':>13} {'':>8}  unreadable: {r['error']}")
+            continue
+        m = r.get("metrics") or {}
+        print(f"{r['name']:24} {r['kind']:10} {_fmt(r.get('d')):>4} {_fmt(m.get('test_log_lik')):>13} "
+              f"{_fmt(m.get('integral'), 3):>8}  {str(r.get('created', ''))[:19]}")
+    return 0
+
+
+def _quickstart(args) -> int:
+    """Train a DNMM on the moons data with 2 DeepSpeed ZeRO-2 workers, export it, summarise it."""
+    import densiray.api as api
+
+    print("densiray quickstart: training a Deep Neural Mixture Model on 'moons' "
+          "(Ray Train, 2 DeepSpeed ZeRO-2 workers, local Ray)")
+    summary = api.train("dnmm", "moons", overrides={"train": {"workers": 2, "zero_stage": 2, "epochs": args.epochs}},
+                        name="quickstart-moons", store=args.store, restart=True)
+    print_summary(summary)
+    from densiray import load_model
+
+    model = load_model(summary["name"], store=args.store)
+    print(f"loaded     {model!r}: log p([0.5, 0.25]) = {model.log_prob([[0.5, 0.25]])[0]:.3f} nats; "
+          f"5 samples: {model.sample(5, seed=0).round(2).tolist()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="densiray", description="Deep density models on Ray: Train + DeepSpeed, Tune, Serve.")
+    p.add_argument("--version", action="version", version=f"densiray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and export its best epoch to the store")
+    t.add_argument("family", choices=FAMILIES)
+    t.add_argument("--dataset", help="a bundled dataset name or a .csv/.tsv/.parquet/.npy path")
+    t.add_argument("--config", help="YAML file with sections dataset/model/train")
+    t.add_argument("--workers", type=int, help="Ray Train workers (0: in-process, for debugging)")
+    t.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--name", help="model name in the store (default <family>-<dataset>)")
+    t.add_argument("--store", help="model store directory or URI (default $DENSIRAY_STORE or ./models)")
+    t.add_argument("--restart", action="store_true", help="discard an unfinished run of the same name")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.set_defaults(func=_train)
+
+    m = sub.add_parser("models", help="list the models in a store")
+    m.add_argument("--store")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_models)
+
+    q = sub.add_parser("quickstart", help="train, export and load a DNMM on the moons data, end to end")
+    q.add_argument("--store")
+    q.add_argument("--epochs", type=int, default=60)
+    q.set_defaults(func=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DensirayError as e:
+        print(f"densiray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("densiray: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""A Task holds everything family-specific; the engine (engine.py) knows nothing about families.
+
+A Task is built on the driver (it loads and validates its data there, so bad input fails before any
+Ray worker starts), then shipped to every worker with the training function. It must therefore be
+picklable and hold its data, not paths the workers might not see.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Task(ABC):
+    """One model family's part of the pipeline: data → model → loss → evaluation → export."""
+
+    kind: ClassVar[str]
+    #: the validation metric that selects the best epoch (and Tune's objective), and its direction
+    metric: ClassVar[str]
+    mode: ClassVar[str] = "max"
+    #: "fp32" for models whose numerics need it (densities), else "auto" (bf16 on GPU)
+    precision: ClassVar[str] = "auto"
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised module (identical on every worker for the same seed)."""
+
+    @abstractmethod
+    def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[Any]:
+        """This worker's batches for one epoch; every rank must yield the same number of batches."""
+
+    @abstractmethod
+    def loss(self, engine: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward through ``engine`` (the DeepSpeed engine; call it, not the module) -> (loss, metrics)."""
+
+    @abstractmethod
+    def evaluate(self, engine: nn.Module) -> dict[str, float]:
+        """Validation metrics, including :attr:`metric`; identical on every rank."""
+
+    @abstractmethod
+    def trained_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The inference-ready module holding the weights ``state`` (e.g. the best epoch's)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, *, store: str | None, name: str, provenance: dict,
+               extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> dict:
+        """Evaluate ``model`` on held-out data and write it to the store; returns its manifest."""
+
+    def describe(self) -> dict:
+        """A short JSON-able description for logs and provenance."""
+        return {"kind": self.kind}
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a Task available to the engine, the CLI and Tune by its ``kind``."""
+    TASKS[cls.kind] = cls
+    return cls
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    """Whether metric value ``a`` improves on ``b`` in direction ``mode`` ("max" or "min")."""
+    return a > b if mode == "max" else a < b
