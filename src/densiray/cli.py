@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -39,8 +40,10 @@ def _train(args) -> int:
 
     overrides = {"model": {}, "train": {"workers": args.workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
                                         "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
-    summary = api.train(args.family, args.dataset, config=args.config, overrides=overrides, name=args.name,
-                        store=args.store, restart=args.restart)
+    # With --json, stdout carries the JSON alone: progress and worker logs go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        summary = api.train(args.family, args.dataset, config=args.config, overrides=overrides, name=args.name,
+                            store=args.store, restart=args.restart)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

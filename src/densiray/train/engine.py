@@ -65,6 +65,7 @@ class LoopState:
     """What the loop needs to resume: epoch counter, early-stopping state and the metric history."""
 
     epoch: int = 0
+    initial: float | None = None  # the metric before any training step
     best: float | None = None
     best_epoch: int = -1
     bad_epochs: int = 0
@@ -179,6 +180,10 @@ def train_loop_per_worker(config: dict) -> None:
             if Path(d, BEST_FILE).exists():
                 best_weights = load_file(os.path.join(d, BEST_FILE))
     resumed_from = state.epoch
+    if checkpoint is None:
+        engine.eval()
+        with torch.no_grad():
+            state.initial = task.evaluate(engine)[task.metric]
 
     micro = max(1, tc.batch_size // world)
     bar = _progress(tc.epochs, state.epoch, local) if rank == 0 else None

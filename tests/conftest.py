@@ -1,0 +1,25 @@
+"""One real local Ray instance for the whole test session (starting Ray costs ~10 s)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with 2 CPUs; yields its address so subprocesses (the CLI) can join it."""
+    import ray
+
+    from densiray.api import ensure_ray
+
+    ensure_ray(num_cpus=2, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return str(tmp_path / "models")
