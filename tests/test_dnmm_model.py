@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from densiray.models.dnmm import DNMM, DNMMConfig
+from densiray.models.dnmm import DNMM, DNMMConfig, select_base
 
 
 def _grid(lim: float, n: int):
@@ -18,7 +18,7 @@ def _grid(lim: float, n: int):
 def _perturbed(variant: str, dim: int, seed: int = 0, **kw) -> DNMM:
     """A DNMM whose component networks are far from zero, so normalisation really matters."""
     torch.manual_seed(seed)
-    m = DNMM(DNMMConfig(dim=dim, components=3, hidden=16, variant=variant, **kw))
+    m = DNMM(DNMMConfig(dim=dim, components=3, covariance="full", hidden=16, variant=variant, **kw))
     rng = np.random.default_rng(seed)
     m.init_from_data(rng.normal(size=(500, dim)), seed=seed)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_samples_match_the_density(variant):
 def test_training_steps_raise_the_likelihood():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-2, 0.3, (400, 2)), rng.normal(2, 0.3, (400, 2))]).astype(np.float32)
-    m = DNMM(DNMMConfig(dim=2, components=2, init="random"))
+    m = DNMM(DNMMConfig(dim=2, components=2, covariance="diag", init="random"))
     m.init_from_data(x)
     xt = torch.from_numpy(x)
     opt = torch.optim.Adam(m.parameters(), lr=3e-2)
@@ -107,10 +107,22 @@ def test_training_steps_raise_the_likelihood():
 
 
 def test_unfrozen_model_refuses_log_prob_and_bad_config():
-    m = DNMM(DNMMConfig(dim=2))
+    m = DNMM(DNMMConfig(dim=2, components=2, covariance="full"))
     with pytest.raises(RuntimeError, match="freeze_normalizers"):
         m.log_prob(torch.zeros(1, 2))
     with pytest.raises(ValueError):
         DNMM(DNMMConfig())
+    with pytest.raises(ValueError, match="auto"):
+        DNMM(DNMMConfig(dim=2))
     with pytest.raises(Exception):
         DNMMConfig(dim=2, componnts=3)
+
+
+def test_select_base_picks_the_number_of_clusters_by_validation():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 6, size=(5, 3))
+    x = np.concatenate([c + rng.normal(size=(300, 3)) for c in centers])
+    rng.shuffle(x)
+    c, cov, score = select_base(x[:1000], x[1000:])
+    assert c in (4, 6) and cov in ("full", "diag") and np.isfinite(score)
+    assert select_base(x[:1000], x[1000:], components=2, covariance="diag")[:2] == (2, "diag")

@@ -89,3 +89,31 @@ def test_zero3_and_in_process_mode(ray_cluster, store):
         model = task.trained_model(result.best_weights)
         assert np.isfinite(task.metrics(model)["test_log_lik"])
         json.dumps(result.state)
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
+    """FailureConfig: SIGKILL one Ray Train worker mid-run; the group restarts from the checkpoint."""
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    task = build_task("dnmm", RunSpec(dataset="moons", n=1000, model=SMALL))
+    tc = TrainConfig(workers=2, zero_stage=2, epochs=15, patience=0, max_failures=2)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(result=fit(task, tc, name="flaky", storage=runs_uri(store))))
+    thread.start()
+    run_dir = Path(runs_uri(store), "flaky")
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2:
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    history = out["result"].state["history"]
+    assert [h["epoch"] for h in history] == list(range(15))
+    assert history[-1]["resumed_from_epoch"] > 0

@@ -44,18 +44,44 @@ class DNMMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dim: int = Field(0, ge=0, description="data dimension (set from the dataset)")
-    components: int = Field(8, ge=1, le=256, description="number of mixture components c")
+    components: int | Literal["auto"] = Field(
+        "auto", description="number of mixture components c; auto: chosen with the base GMM (select_base)")
     hidden: int = Field(64, ge=1, le=4096, description="width of each component network")
     depth: int = Field(2, ge=1, le=8, description="hidden layers of each component network")
     activation: Literal["silu", "tanh", "relu", "gelu", "softplus"] = "silu"
     variant: Literal["proper", "bounded"] = "proper"
-    covariance: Literal["full", "diag"] = Field("full", description="proper variant: base Gaussian covariance")
+    covariance: Literal["full", "diag", "auto"] = Field(
+        "auto", description="proper variant: base Gaussian covariance; auto: chosen with the base GMM")
     bound: float = Field(4.0, gt=0, le=20, description="proper variant: |g_i| <= bound")
     rho: float = Field(0.1, ge=0, description="weight of the soft constraint rho * sum_i (1 - Z_i)^2")
     integration_samples: int = Field(512, ge=16, description="Monte Carlo samples per component per step")
     eval_integration_samples: int = Field(32768, ge=256, description="samples per component for evaluation")
     box_margin: float = Field(0.1, ge=0, description="bounded variant: box = data range widened by this fraction")
     init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
+
+
+def select_base(train: np.ndarray, val: np.ndarray, components: int | str = "auto", covariance: str = "auto",
+                seed: int = 0) -> tuple[int, str, float]:
+    """Choose the number of components and the covariance type of the base mixture by validation.
+
+    Fits a Gaussian mixture for every candidate (c in 1..32, full and diagonal covariance, at least
+    ~8 training rows per component) on ``train`` and keeps the best mean log-likelihood on ``val``,
+    the way the reference GMM is selected. Settings that are not "auto" are kept as given. Returns
+    ``(components, covariance, val_log_lik)``.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    cs = [components] if components != "auto" else [c for c in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+                                                      if c == 1 or len(train) / c >= 8]
+    covs = [covariance] if covariance != "auto" else ["full", "diag"]
+    best = (-math.inf, 1, "full")
+    for cov in covs:
+        for c in cs:
+            gmm = GaussianMixture(c, covariance_type=cov, reg_covar=1e-4, random_state=seed, max_iter=200).fit(train)
+            score = float(gmm.score(val))
+            if score > best[0]:
+                best = (score, c, cov)
+    return best[1], best[2], best[0]
 
 
 class ComponentMLPs(nn.Module):
@@ -105,6 +131,10 @@ class DNMM(nn.Module):
         super().__init__()
         if cfg.dim < 1:
             raise ValueError("DNMMConfig.dim must be set to the data dimension")
+        if cfg.components == "auto" or cfg.covariance == "auto":
+            raise ValueError("resolve components/covariance 'auto' first (select_base)")
+        if isinstance(cfg.components, int) and not 1 <= cfg.components <= 256:
+            raise ValueError("components must be between 1 and 256")
         self.cfg = cfg
         c, d = cfg.components, cfg.dim
         self.logits = nn.Parameter(torch.zeros(c))

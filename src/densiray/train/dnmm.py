@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from densiray.data import Standardizer, load_dataset, split
-from densiray.models.dnmm import DNMM, DNMMConfig
+from densiray.models.dnmm import DNMM, DNMMConfig, select_base
 from densiray.store import Store
 from densiray.train.task import Task, register
 
@@ -37,10 +37,21 @@ class DNMMTask(Task):
         self.train_x = self.transform.transform(splits.train).astype(np.float32)
         self.val_x = self.transform.transform(splits.val).astype(np.float32)
         self.test_x = self.transform.transform(splits.test).astype(np.float32)
-        self.config = DNMMConfig(**{**(model or {}), "dim": data.d})
+        config = DNMMConfig(**{**(model or {}), "dim": data.d})
+        self.base_selection = None
+        if config.components == "auto" or config.covariance == "auto":
+            if config.variant == "proper":
+                c, cov, score = select_base(self.train_x, self.val_x, config.components, config.covariance)
+                self.base_selection = {"components": c, "covariance": cov, "gmm_val_log_lik": score}
+            else:  # the bounded variant has no Gaussian base to select
+                c = 8 if config.components == "auto" else config.components
+                cov = "full" if config.covariance == "auto" else config.covariance
+            config = config.model_copy(update={"components": c, "covariance": cov})
+        self.config = config
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump()}
+        return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump(),
+                "base_selection": self.base_selection}
 
     def build_model(self) -> DNMM:
         module = DNMM(self.config)

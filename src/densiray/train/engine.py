@@ -180,10 +180,13 @@ def train_loop_per_worker(config: dict) -> None:
             if Path(d, BEST_FILE).exists():
                 best_weights = load_file(os.path.join(d, BEST_FILE))
     resumed_from = state.epoch
-    if checkpoint is None:
+    if checkpoint is None:  # the initial model is the first candidate for "best"
         engine.eval()
         with torch.no_grad():
             state.initial = task.evaluate(engine)[task.metric]
+        if math.isfinite(state.initial):
+            state.best, state.best_epoch = state.initial, -1
+            best_weights = _full_state_dict(engine, tc.zero_stage)
 
     micro = max(1, tc.batch_size // world)
     bar = _progress(tc.epochs, state.epoch, local) if rank == 0 else None
@@ -193,11 +196,11 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         steps = 0
         for batch in task.batches(epoch, rank, world, micro):
-            loss, metrics = task.loss(engine, _to(batch, device))
+            loss, batch_metrics = task.loss(engine, _to(batch, device))
             engine.backward(loss)
             engine.step()
             steps += 1
-            for k, v in {"loss": loss.detach().item(), **metrics}.items():
+            for k, v in {"loss": loss.detach().item(), **batch_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
         train_metrics = _all_reduce_mean({f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, device)
         engine.eval()
@@ -217,7 +220,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "epoch_time_s": time.perf_counter() - t0, "resumed_from_epoch": resumed_from}
         state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if bar is not None:
-            bar.set_description(f"epochs ({task.metric} {score:.4f}, best {state.best:.4f})")
+            best = "-" if state.best is None else f"{state.best:.4f}"
+            bar.set_description(f"epochs ({task.metric} {score:.4f}, best {best})")
             bar.update(1)
         if state.done or state.epoch % tc.checkpoint_every == 0:
             _report_with_checkpoint(engine, state, best_weights, metrics, rank, local, config.get("local_dir"))
