@@ -22,7 +22,7 @@ def moons_run(ray_cluster, tmp_path_factory):
     tc = TrainConfig(workers=2, zero_stage=2, epochs=6, patience=0, lr=1e-2)
     result = fit(task, tc, name="moons", storage=runs_uri(store))
     model = task.trained_model(result.best_weights)
-    manifest = task.export(model, store=store, name="moons", provenance={"run": "test"})
+    manifest = task.export(model, store=store, name="moons", provenance={"run": "test"}).manifest
     return task, result, model, manifest, store
 
 

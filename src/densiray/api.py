@@ -204,8 +204,8 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     import ray
 
     provenance = {"run_name": name, "run_path": result.run_path, "checkpoint": result.checkpoint_path,
-                  f"initial_{task.metric}": result.state.get("initial"), "best_epoch": result.state["best_epoch"], "epochs_run": result.state["epoch"],
-                  "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
+                  f"initial_{task.metric}": result.state.get("initial"), "best_epoch": result.state["best_epoch"],
+                  "epochs_run": result.state["epoch"], "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
                   "workers": tc.workers, "zero_stage": tc.zero_stage,
                   "history": result.state.get("history", [])}
     model = task.trained_model(result.best_weights)
@@ -215,9 +215,9 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
 
         extra["report.png"] = density_report(model, task.test_x, provenance["history"],
                                              title=f"{name}: {kind} on {task.dataset['name']}")
-    manifest = task.export(model, store=store, name=name, provenance=provenance,
-                           extra_files=extra, train_config=tc.model_dump())
-    path = Store(store).read(name).path
+    stored = task.export(model, store=store, name=name, provenance=provenance,
+                         extra_files=extra, train_config=tc.model_dump())
+    path, manifest = stored.path, stored.manifest
     return {"name": name, "kind": kind, "path": path, "dataset": task.dataset["name"], "d": task.dataset["d"],
             "metrics": manifest["metrics"], "best_epoch": provenance["best_epoch"],
             "epochs_run": provenance["epochs_run"], "train_time_s": provenance["train_time_s"],

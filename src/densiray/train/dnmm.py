@@ -10,7 +10,7 @@ import torch
 
 from densiray.data import Standardizer, load_dataset, split
 from densiray.models.dnmm import DNMM, DNMMConfig, select_base
-from densiray.store import Store
+from densiray.store import Store, StoredModel
 from densiray.train.task import Task, register
 
 
@@ -79,15 +79,15 @@ class DNMMTask(Task):
         return {"val_log_lik": float(out["log_prob"].mean()), "val_z_max_dev": float((out["log_z"].exp() - 1).abs().max())}
 
     def export(self, model: DNMM, *, store: str | None, name: str, provenance: dict,
-               extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> dict:
-        manifest_metrics = self.metrics(model)
-        Store(store).export(
+               extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> StoredModel:
+        target = Store(store)
+        target.export(
             name, kind=self.kind, tensors=model.state_dict(),
             config={"model": self.config.model_dump(), "train": train_config or {}, "dataset": self.dataset},
-            transform=self.transform.to_dict(), metrics=manifest_metrics, provenance=provenance,
-            extra_files=extra_files,
+            transform=self.transform.to_dict(), metrics=self.metrics(model),
+            provenance={**provenance, "base_selection": self.base_selection}, extra_files=extra_files,
         )
-        return Store(store).read(name).manifest
+        return target.read(name)
 
     def trained_model(self, state: dict[str, torch.Tensor]) -> DNMM:
         """The module with ``state`` loaded and its normalisers frozen from a large sample."""

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from densiray.store import StoredModel
+
 
 class Task(ABC):
     """One model family's part of the pipeline: data → model → loss → evaluation → export."""
@@ -47,8 +49,8 @@ class Task(ABC):
 
     @abstractmethod
     def export(self, model: nn.Module, *, store: str | None, name: str, provenance: dict,
-               extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> dict:
-        """Evaluate ``model`` on held-out data and write it to the store; returns its manifest."""
+               extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> StoredModel:
+        """Evaluate ``model`` on held-out data and write it to the store; returns what was stored."""
 
     def describe(self) -> dict:
         """A short JSON-able description for logs and provenance."""
