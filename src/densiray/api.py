@@ -179,9 +179,8 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
         tc = TrainConfig(**spec.train)
     except ValidationError as e:
         raise ConfigError(validation_message(e, "train")) from e
+    name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}")
     task = build_task(kind, spec)
-    name = name or f"{kind}-{Path(spec.dataset).stem}"
-    check_name(name)
     storage = runs_uri(store)
     described = {**task.describe(), "train": tc.model_dump()}
     config_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
