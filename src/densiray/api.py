@@ -92,7 +92,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        # The dashboard (on 127.0.0.1) serves the state API that Ray Train's cleanup thread polls.
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
 
 
 def runs_uri(store: str | None) -> str:

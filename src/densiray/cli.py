@@ -85,7 +85,7 @@ def _quickstart(args) -> int:
     from densiray import load_model
 
     model = load_model(summary["name"], store=args.store)
-    print(f"loaded     {model!r}: log p([0.5, 0.25]) = {model.log_prob([[0.5, 0.25]])[0]:.3f} nats; "
+    print(f"loaded     {model!r}: log p([1, 0]) = {model.log_prob([[1.0, 0.0]])[0]:.3f} nats; "
           f"5 samples: {model.sample(5, seed=0).round(2).tolist()}")
     return 0
 

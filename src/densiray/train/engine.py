@@ -131,8 +131,11 @@ def _quiet_worker(on_gpu: bool) -> None:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-    for name in ("ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    import ray.train.v2._internal.execution.context  # noqa: F401  (its logger announces every report)
+
+    for name in list(logging.root.manager.loggerDict):  # some Ray Train loggers are named by file path
+        if name.startswith(("ray.train", "ray.tune")) or f"{os.sep}ray{os.sep}train{os.sep}" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*non-writable tensors.*")
 
