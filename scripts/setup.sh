@@ -34,4 +34,4 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 pip install -e ".[test]"
 echo "$want" > "$stamp"
-echo "densiray setup: done ($("$VENV/bin/python" -c 'import torch, ray, deepspeed; print(f"torch {torch.__version__}, ray {ray.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null))" >&2
+echo "densiray setup: done ($("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "ray", "deepspeed")))'))" >&2

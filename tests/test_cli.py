@@ -129,6 +129,13 @@ def test_bad_arguments_give_one_line_and_exit_2(capsys, args, expected, store):
     assert err.startswith("densiray: error:") and "\n" not in err and expected in err
 
 
+def test_more_workers_than_cpus_is_refused_not_left_waiting(ray_cluster, capsys, store, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the embedded local Ray cannot grow
+    assert main(["train", "dnmm", "--dataset", "moons", "--workers", "3", "--store", store]) == 2
+    err = capsys.readouterr().err
+    assert "needs 3 CPUs" in err and "--workers" in err
+
+
 def test_bad_config_file_names_every_bad_field(tmp_path, capsys, store):
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  componnts: 3\n  hidden: -1\ntrain:\n  lr: fast\n")

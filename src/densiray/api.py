@@ -116,8 +116,9 @@ def _run_marker(storage: str, name: str, config_hash: str, restart: bool) -> str
     """Decide between a fresh run and resuming one: returns "new", "resume" or "restart".
 
     ``<runs>/<name>/densiray_run.json`` records the config hash and whether the run finished. An
-    unfinished run with the same config resumes; a finished one (or ``restart``) starts afresh; an
-    unfinished one with another config is refused, so a resume never mixes two configs.
+    unfinished run with the same config resumes; a finished one, one without a checkpoint yet (or
+    ``restart``) starts afresh; an unfinished one with another config is refused, so a resume never
+    mixes two configs.
     """
     import pyarrow.fs as pafs
 
@@ -128,7 +129,9 @@ def _run_marker(storage: str, name: str, config_hash: str, restart: bool) -> str
     if info.type == pafs.FileType.File:
         with fs.open_input_stream(marker) as f:
             previous = json.loads(f.read())
-        if restart or previous.get("done"):
+        has_checkpoint = any(i.base_name.startswith("checkpoint_")
+                             for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)))
+        if restart or previous.get("done") or not has_checkpoint:
             action = "restart"
         elif previous.get("config_hash") != config_hash:
             raise ConfigError(f"run {name!r} exists unfinished with a different config; resume it with the same "
@@ -149,6 +152,32 @@ def _write_marker(storage: str, name: str, config_hash: str, done: bool) -> None
     fs, root = _fs(storage)
     with fs.open_output_stream(f"{root}/{name}/densiray_run.json") as f:
         f.write(json.dumps({"config_hash": config_hash, "done": done}).encode())
+
+
+def _check_resources(tc) -> None:
+    """Refuse a worker group the cluster can never place (Ray would wait for it forever).
+
+    On a cluster that may still grow (an autoscaler), only warn.
+    """
+    import ray
+
+    if tc.workers == 0:
+        return
+    have = ray.cluster_resources()
+    need_cpu = tc.workers * tc.cpus_per_worker
+    short = []
+    if need_cpu > have.get("CPU", 0) + 1e-9:
+        short.append(f"{need_cpu:g} CPUs ({tc.workers} workers x {tc.cpus_per_worker:g}) but the cluster has "
+                     f"{have.get('CPU', 0):g}")
+    if tc.use_gpu and tc.workers > have.get("GPU", 0):
+        short.append(f"{tc.workers} GPUs but the cluster has {have.get('GPU', 0):g}")
+    if not short:
+        return
+    msg = f"the run needs {'; '.join(short)}"
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"densiray: warning: {msg}; waiting for the cluster to scale up", flush=True)
+        return
+    raise ConfigError(f"{msg}: lower --workers, or set train.cpus_per_worker (e.g. 0.5) in the config")
 
 
 def build_task(kind: str, spec: RunSpec):
@@ -185,11 +214,11 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     storage = runs_uri(store)
     described = {**task.describe(), "train": tc.model_dump()}
     config_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ensure_ray()
+    _check_resources(tc)
     action = _run_marker(storage, name, config_hash, restart)
     if action == "resume":
         print(f"densiray: resuming unfinished run {name!r} from its latest checkpoint")
-
-    ensure_ray()
     t0 = time.perf_counter()
     try:
         result = fit(task, tc, name=name, storage=storage)
