@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from densiray.errors import ConfigError, DensirayError
-from densiray.store import Store, check_name, default_store_uri
+from densiray.store import check_name, default_store_uri
 
 
 class RunSpec(BaseModel):

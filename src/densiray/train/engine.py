@@ -90,15 +90,16 @@ def deepspeed_config(tc: TrainConfig, task: Task, world: int, on_gpu: bool) -> d
 
 def _full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     """The complete fp32 state dict on CPU (gathering ZeRO-3 partitions; collective on every rank)."""
-    module = engine.module
-    if zero_stage == 3:
-        import deepspeed
+    import contextlib
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                    for k, v in module.state_dict().items()}
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-            for k, v in module.state_dict().items()}
+    import deepspeed
+
+    module = engine.module
+    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+              if zero_stage == 3 else contextlib.nullcontext())
+    with gather:
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in module.state_dict().items()}
 
 
 def _free_port() -> int:
