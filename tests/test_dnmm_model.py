@@ -15,6 +15,13 @@ def _grid(lim: float, n: int):
     return torch.stack([xx.ravel(), yy.ravel()], 1).float(), (g[1] - g[0]).item() ** 2
 
 
+def _quadrature(m: DNMM):
+    """log p on a 801 x 801 grid over [-8, 8]^2, the grid and its cell area."""
+    x, cell = _grid(8.0, 801)
+    with torch.no_grad():
+        return x, m.log_prob(x).double(), cell
+
+
 def _perturbed(variant: str, dim: int, seed: int = 0, **kw) -> DNMM:
     """A DNMM whose component networks are far from zero, so normalisation really matters."""
     torch.manual_seed(seed)
@@ -32,9 +39,8 @@ def _perturbed(variant: str, dim: int, seed: int = 0, **kw) -> DNMM:
 def test_density_integrates_to_one_by_quadrature(variant):
     m = _perturbed(variant, 2)
     m.freeze_normalizers(n=262144, seed=0)
-    x, cell = _grid(8.0, 801)
-    with torch.no_grad():
-        mass = torch.exp(m.log_prob(x)).double().sum().item() * cell
+    _, lp, cell = _quadrature(m)
+    mass = torch.exp(lp).sum().item() * cell
     assert abs(mass - 1) < 0.01
     est, se = m.integral(n=131072, seed=1)
     assert abs(est - mass) < 4 * se + 2e-3
@@ -63,9 +69,7 @@ def test_samples_match_the_density(variant):
     """Moments and E[log p] of exact samples against the same quantities by quadrature."""
     m = _perturbed(variant, 2)
     m.freeze_normalizers(n=262144, seed=0)
-    x, cell = _grid(8.0, 801)
-    with torch.no_grad():
-        lp = m.log_prob(x).double()
+    x, lp, cell = _quadrature(m)
     w = torch.exp(lp) * cell
     w = w / w.sum()
     xd = x.double()
@@ -123,6 +127,7 @@ def test_select_base_picks_the_number_of_clusters_by_validation():
     centers = rng.normal(0, 6, size=(5, 3))
     x = np.concatenate([c + rng.normal(size=(300, 3)) for c in centers])
     rng.shuffle(x)
-    c, cov, score = select_base(x[:1000], x[1000:])
+    c, cov, score, gmm = select_base(x[:1000], x[1000:])
+    assert gmm.n_components == c
     assert c in (4, 6) and cov in ("full", "diag") and np.isfinite(score)
     assert select_base(x[:1000], x[1000:], components=2, covariance="diag")[:2] == (2, "diag")

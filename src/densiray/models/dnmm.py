@@ -27,7 +27,7 @@ reach the Gaussians); inference uses normalisers frozen from a large sample
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class DNMMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dim: int = Field(0, ge=0, description="data dimension (set from the dataset)")
-    components: int | Literal["auto"] = Field(
+    components: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
         "auto", description="number of mixture components c; auto: chosen with the base GMM (select_base)")
     hidden: int = Field(64, ge=1, le=4096, description="width of each component network")
     depth: int = Field(2, ge=1, le=8, description="hidden layers of each component network")
@@ -60,28 +60,34 @@ class DNMMConfig(BaseModel):
     init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
 
 
+def fit_gmm(x: np.ndarray, components: int, covariance: str, seed: int = 0):
+    """The scikit-learn Gaussian mixture the proper variant starts from."""
+    from sklearn.mixture import GaussianMixture
+
+    return GaussianMixture(components, covariance_type=covariance, reg_covar=1e-4, random_state=seed,
+                           max_iter=200).fit(x)
+
+
 def select_base(train: np.ndarray, val: np.ndarray, components: int | str = "auto", covariance: str = "auto",
-                seed: int = 0) -> tuple[int, str, float]:
+                seed: int = 0):
     """Choose the number of components and the covariance type of the base mixture by validation.
 
     Fits a Gaussian mixture for every candidate (c in 1..32, full and diagonal covariance, at least
     ~8 training rows per component) on ``train`` and keeps the best mean log-likelihood on ``val``,
     the way the reference GMM is selected. Settings that are not "auto" are kept as given. Returns
-    ``(components, covariance, val_log_lik)``.
+    ``(components, covariance, val_log_lik, gmm)``; pass ``gmm`` to :meth:`DNMM.init_from_data`.
     """
-    from sklearn.mixture import GaussianMixture
-
     cs = [components] if components != "auto" else [c for c in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
                                                       if c == 1 or len(train) / c >= 8]
     covs = [covariance] if covariance != "auto" else ["full", "diag"]
-    best = (-math.inf, 1, "full")
+    best = (-math.inf, 1, "full", None)
     for cov in covs:
         for c in cs:
-            gmm = GaussianMixture(c, covariance_type=cov, reg_covar=1e-4, random_state=seed, max_iter=200).fit(train)
+            gmm = fit_gmm(train, c, cov, seed)
             score = float(gmm.score(val))
             if score > best[0]:
-                best = (score, c, cov)
-    return best[1], best[2], best[0]
+                best = (score, c, cov, gmm)
+    return best[1], best[2], best[0], best[3]
 
 
 class ComponentMLPs(nn.Module):
@@ -133,8 +139,6 @@ class DNMM(nn.Module):
             raise ValueError("DNMMConfig.dim must be set to the data dimension")
         if cfg.components == "auto" or cfg.covariance == "auto":
             raise ValueError("resolve components/covariance 'auto' first (select_base)")
-        if isinstance(cfg.components, int) and not 1 <= cfg.components <= 256:
-            raise ValueError("components must be between 1 and 256")
         self.cfg = cfg
         c, d = cfg.components, cfg.dim
         self.logits = nn.Parameter(torch.zeros(c))
@@ -152,8 +156,12 @@ class DNMM(nn.Module):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.int64))
 
     # ----------------------------------------------------------------- initialisation
-    def init_from_data(self, x: np.ndarray, seed: int = 0) -> None:
-        """Data-dependent initialisation: GMM-fitted base Gaussians (proper) or the data box (bounded)."""
+    def init_from_data(self, x: np.ndarray, seed: int = 0, gmm=None) -> None:
+        """Data-dependent initialisation: GMM-fitted base Gaussians (proper) or the data box (bounded).
+
+        ``gmm``: an already fitted mixture with this config's components and covariance (from
+        :func:`select_base`); otherwise one is fitted to ``x``.
+        """
         cfg = self.cfg
         with torch.no_grad():
             if cfg.variant == "bounded":
@@ -165,11 +173,8 @@ class DNMM(nn.Module):
                 self.log_amp.fill_(math.log(2.0) - self.log_volume().item())
                 return
             if cfg.init == "gmm":
-                from sklearn.mixture import GaussianMixture
-
-                n_comp = min(cfg.components, max(1, len(x) // 2))
-                gmm = GaussianMixture(n_comp, covariance_type=cfg.covariance, reg_covar=1e-4,
-                                      random_state=seed, max_iter=200).fit(x)
+                n_comp = gmm.n_components if gmm is not None else min(cfg.components, max(1, len(x) // 2))
+                gmm = gmm if gmm is not None else fit_gmm(x, n_comp, cfg.covariance, seed)
                 reps = int(math.ceil(cfg.components / n_comp))
                 means = np.tile(gmm.means_, (reps, 1))[: cfg.components]
                 covs = gmm.covariances_ if cfg.covariance == "full" else np.stack([np.diag(v) for v in gmm.covariances_])

@@ -38,10 +38,11 @@ class DNMMTask(Task):
         self.val_x = self.transform.transform(splits.val).astype(np.float32)
         self.test_x = self.transform.transform(splits.test).astype(np.float32)
         config = DNMMConfig(**{**(model or {}), "dim": data.d})
-        self.base_selection = None
+        self.base_selection, self.base_gmm = None, None
         if config.components == "auto" or config.covariance == "auto":
             if config.variant == "proper":
-                c, cov, score = select_base(self.train_x, self.val_x, config.components, config.covariance)
+                c, cov, score, self.base_gmm = select_base(self.train_x, self.val_x, config.components,
+                                                           config.covariance)
                 self.base_selection = {"components": c, "covariance": cov, "gmm_val_log_lik": score}
             else:  # the bounded variant has no Gaussian base to select
                 c = 8 if config.components == "auto" else config.components
@@ -55,7 +56,7 @@ class DNMMTask(Task):
 
     def build_model(self) -> DNMM:
         module = DNMM(self.config)
-        module.init_from_data(self.train_x, seed=0)
+        module.init_from_data(self.train_x, seed=0, gmm=self.base_gmm if self.config.init == "gmm" else None)
         return module
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
