@@ -131,3 +131,18 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
     history = out["result"].state["history"]
     assert [h["epoch"] for h in history] == list(range(15))
     assert history[-1]["resumed_from_epoch"] > 0
+
+
+def test_outlier_score_is_calibrated_on_the_fitted_rows(moons_run):
+    task, _, _, manifest, store = moons_run
+    loaded = densiray.load_model("moons", store=store)
+    cal = manifest["metrics"]["calibration"]
+    assert cal["rows"] == "train+validation" and cal["log_prob"] == sorted(cal["log_prob"])
+    raw_test = task.transform.inverse(task.test_x.astype(np.float64))
+    out = loaded.score(raw_test, percentile=5)
+    assert out["threshold"] == loaded.threshold(5)
+    assert 0.01 < out["outlier"].mean() < 0.12  # about 5 % of held-out rows
+    far = loaded.score([[50.0, 50.0]], percentile=0.1)
+    assert far["outlier"].all() and far["score"][0] > far["threshold"]
+    with pytest.raises(densiray.DensirayError, match="percentile must be one of"):
+        loaded.threshold(3)

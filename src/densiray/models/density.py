@@ -52,6 +52,28 @@ class DensityModel:
         """log-density of rows ``x`` (n, d) in the data's units (nats)."""
         return self.module.log_prob(self._rows(x)).double().numpy() + self.transform.log_abs_det()
 
+    def threshold(self, percentile: float = 1.0) -> float:
+        """The outlier threshold on :meth:`score`: the ``percentile``-th percentile of the log-densities
+        of the rows the model was fitted and validated on, negated (data units). About ``percentile`` %
+        of in-distribution rows score above it."""
+        cal = self.metrics.get("calibration")
+        if not cal:
+            raise DataError(f"model {self.name!r} has no outlier calibration; export it again with this densiray")
+        levels = [float(q) for q in cal["percentiles"]]
+        try:
+            q = float(percentile)
+        except (TypeError, ValueError):
+            q = float("nan")
+        if q not in levels:
+            raise DataError(f"percentile must be one of {', '.join(f'{v:g}' for v in levels)}, got {percentile!r}")
+        return -(cal["log_prob"][levels.index(q)] + self.transform.log_abs_det())
+
+    def score(self, x, percentile: float = 1.0) -> dict:
+        """Anomaly scores ``-log p(x)`` (nats, data units), with outlier flags against :meth:`threshold`."""
+        t = self.threshold(percentile)
+        s = -self.log_prob(x)
+        return {"score": s, "outlier": s > t, "threshold": t}
+
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` exact samples in the data's units (seeded, reproducible)."""

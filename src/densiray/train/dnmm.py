@@ -14,6 +14,9 @@ from densiray.store import Store, StoredModel
 from densiray.train.task import Task, register
 
 
+CALIBRATION_PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
 @register
 class DNMMTask(Task):
     """Standardised train/validation/test splits of one dataset, and a DNMM fitted to them.
@@ -124,4 +127,14 @@ class DNMMTask(Task):
                    else "uniform Monte Carlo over the box, 131072 draws, seed 1")}
         out["test_outside_support"] = test_outside
         out["dim"] = self.config.dim
+        out["calibration"] = self.calibration(model)
         return out
+
+    @torch.no_grad()
+    def calibration(self, model: DNMM) -> dict:
+        """Quantiles of log p over the non-test rows, for outlier thresholds (standardised units)."""
+        rows = np.concatenate([self.train_x, self.val_x])
+        lp = model.log_prob(torch.from_numpy(rows)).double().numpy()
+        lp = lp[np.isfinite(lp)]
+        return {"rows": "train+validation", "n": int(len(lp)), "percentiles": list(CALIBRATION_PERCENTILES),
+                "log_prob": [float(np.percentile(lp, q)) for q in CALIBRATION_PERCENTILES]}
