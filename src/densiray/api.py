@@ -239,15 +239,13 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
                   "history": result.state.get("history", [])}
     model = task.trained_model(result.best_weights)
     extra = {}
-    if plot:
-        from densiray.plots import density_report
-
-        extra["report.png"] = density_report(model, task.test_x, provenance["history"],
-                                             title=f"{name}: {kind} on {task.dataset['name']}")
+    png = task.report_plot(model, provenance["history"], title=f"{name}: {kind} on {task.dataset['name']}") if plot else None
+    if png:
+        extra["report.png"] = png
     stored = task.export(model, store=store, name=name, provenance=provenance,
                          extra_files=extra, train_config=tc.model_dump())
     path, manifest = stored.path, stored.manifest
-    return {"name": name, "kind": kind, "path": path, "dataset": task.dataset["name"], "d": task.dataset["d"],
+    return {"name": name, "kind": kind, "path": path, "dataset": task.dataset["name"], "d": task.dataset.get("d"),
             "metrics": manifest["metrics"], "best_epoch": provenance["best_epoch"],
             "epochs_run": provenance["epochs_run"], "train_time_s": provenance["train_time_s"],
-            "plot": f"{path}/report.png" if plot else None, "resumed": action == "resume"}
+            "plot": f"{path}/report.png" if png else None, "resumed": action == "resume"}

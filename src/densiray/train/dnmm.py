@@ -57,6 +57,11 @@ class DNMMTask(Task):
         return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump(),
                 "base_selection": self.base_selection}
 
+    def report_plot(self, model: DNMM, history: list[dict], title: str) -> bytes:
+        from densiray.plots import density_report
+
+        return density_report(model, self.test_x, history, title=title)
+
     def build_model(self) -> DNMM:
         module = DNMM(self.config)
         module.init_from_data(self.train_x, seed=0, gmm=self.base_gmm if self.config.init == "gmm" else None)

@@ -52,6 +52,10 @@ class Task(ABC):
                extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> StoredModel:
         """Evaluate ``model`` on held-out data and write it to the store; returns what was stored."""
 
+    def report_plot(self, model: nn.Module, history: list[dict], title: str) -> bytes | None:
+        """A PNG report stored beside the exported model (``report.png``), or None for none."""
+        return None
+
     def describe(self) -> dict:
         """A short JSON-able description for logs and provenance."""
         return {"kind": self.kind}

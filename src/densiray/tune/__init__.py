@@ -1,0 +1,1 @@
+"""Ray Tune: search spaces, the Tuner wiring, and selection and export of the winner."""
