@@ -30,6 +30,8 @@ class RunSpec(BaseModel):
     n: int | None = Field(None, description="rows of a synthetic dataset (default 4000)")
     model: dict = Field(default_factory=dict, description="the family's model config")
     train: dict = Field(default_factory=dict, description="engine settings (TrainConfig)")
+    tune: dict = Field(default_factory=dict, description="sweep settings (densiray.tune.sweep.SweepSettings)")
+    space: dict | None = Field(None, description="search space of a sweep (densiray.tune.space)")
 
 
 def validation_message(e: ValidationError, where: str) -> str:
@@ -77,7 +79,9 @@ def _merge(spec: RunSpec, overrides: dict | None) -> RunSpec:
 
 # Ray Train's controller takes one report per worker each health-check poll (2 s by default), which
 # throttles short epochs to one every ~1.5 s; polling every 0.25 s removes that wait for this job.
-JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Tune trials checkpoint every epoch by design; Tune's warning about frequent snapshots is noise here.
+JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+           "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:

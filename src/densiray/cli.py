@@ -50,6 +50,41 @@ def _train(args) -> int:
     return 0
 
 
+def print_sweep(s: dict) -> None:
+    """A short human summary of a finished sweep and its exported winner."""
+    m = s["metrics"]
+    print()
+    print(f"model      {s['name']}  (tuned {s['kind']} on {s['dataset']}, d={s['d']})")
+    print(f"stored at  {s['path']}")
+    print(f"sweep      {s['trials']} trials ({s['errored']} failed, {s['concurrent_trials']} at a time) in "
+          f"{s['tune_time_s']:.1f} s" + ("  (resumed)" if s.get("resumed") else ""))
+    print(f"winner     trial {s['trial_id']}: " + ", ".join(f"{k.split('.', 1)[1]}={_fmt(v, 4 if isinstance(v, float) and abs(v) >= 0.01 else 6)}"
+                                                      for k, v in s["config"].items()))
+    print(f"held-out   test log-likelihood {_fmt(m.get('test_log_lik'))} ± {_fmt(m.get('test_log_lik_se'))} nats/sample"
+          f" (validation {_fmt(m.get('val_log_lik'))}; standardised units)")
+    if "integral" in m:
+        print(f"integral   ∫p = {m['integral']:.5f} ± {m['integral_se']:.5f} (independent estimate)")
+    for p in s.get("plots", []):
+        print(f"plot       {p}")
+
+
+def _tune(args) -> int:
+    from densiray.tune.sweep import tune
+
+    settings = {"trials": args.trials, "time_budget_s": args.time_budget_s, "epochs": args.epochs,
+                "searcher": args.searcher, "workers_per_trial": args.workers_per_trial,
+                "cpus_per_trial": args.cpus_per_trial, "max_concurrent_trials": args.max_concurrent_trials,
+                "seed": args.seed}
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        summary = tune(args.family, args.dataset, config=args.config, space=args.space, settings=settings,
+                       name=args.name, store=args.store, restart=args.restart)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_sweep(summary)
+    return 0
+
+
 def _models(args) -> int:
     from densiray.store import Store
 
@@ -89,8 +124,15 @@ def _quickstart(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``densiray: error: ...``, exit 2), like every other failure."""
+
+    def error(self, message: str):
+        self.exit(2, f"densiray: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densiray", description="Deep density models on Ray: Train + DeepSpeed, Tune, Serve.")
+    p = _Parser(prog="densiray", description="Deep density models on Ray: Train + DeepSpeed, Tune, Serve.")
     p.add_argument("--version", action="version", version=f"densiray {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -109,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true", help="discard an unfinished run of the same name")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.set_defaults(func=_train)
+
+    u = sub.add_parser("tune", help="select architecture and hyperparameters with a Ray Tune sweep; export the winner")
+    u.add_argument("family", choices=["dnmm"])
+    u.add_argument("--dataset", help="a bundled dataset name or a .csv/.tsv/.parquet/.npy path")
+    u.add_argument("--config", help="YAML file with sections dataset/model/train/tune/space")
+    u.add_argument("--space", help="YAML search space (model.<setting>/train.<setting> -> distribution)")
+    u.add_argument("--trials", type=int, help="configurations to try (default 24)")
+    u.add_argument("--time-budget-s", type=float, help="stop starting new trials after this many seconds")
+    u.add_argument("--epochs", type=int, help="most epochs per trial (default 100; ASHA stops poor trials early)")
+    u.add_argument("--searcher", choices=["optuna", "random"], help="optuna (TPE, default) or random search")
+    u.add_argument("--workers-per-trial", type=int, help="0 (default): each trial trains in its own process")
+    u.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (per worker), default 1")
+    u.add_argument("--max-concurrent-trials", type=int, help="default: as many as the CPUs hold")
+    u.add_argument("--seed", type=int, help="searcher seed")
+    u.add_argument("--name", help="model name of the winner (default <family>-<dataset>-tuned)")
+    u.add_argument("--store", help="model store directory or URI (default $DENSIRAY_STORE or ./models)")
+    u.add_argument("--restart", action="store_true", help="discard an unfinished sweep of the same name")
+    u.add_argument("--json", action="store_true", help="print the summary as JSON")
+    u.set_defaults(func=_tune)
 
     m = sub.add_parser("models", help="list the models in a store")
     m.add_argument("--store")

@@ -65,3 +65,27 @@ def density_report(module, test_z: np.ndarray, history: list[dict], title: str, 
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+def trial_curves(curves: dict[str, list[float]], winner: str, metric: str, title: str) -> bytes:
+    """A PNG: the validation curve of every trial of a sweep, the winner highlighted."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    finite = [v for c in curves.values() for v in c if np.isfinite(v)]
+    for tid, c in curves.items():
+        if tid != winner:
+            ax.plot(range(len(c)), c, color="0.6", lw=0.8, alpha=0.7)
+    if winner in curves:
+        ax.plot(range(len(curves[winner])), curves[winner], color="C3", lw=2, label=f"winner {winner}")
+        ax.legend()
+    if finite:  # keep the interesting top of the range in view
+        lo, hi = np.quantile(finite, 0.1), max(finite)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 
@@ -40,18 +41,33 @@ class DNMMTask(Task):
         self.train_x = self.transform.transform(splits.train).astype(np.float32)
         self.val_x = self.transform.transform(splits.val).astype(np.float32)
         self.test_x = self.transform.transform(splits.test).astype(np.float32)
-        config = DNMMConfig(**{**(model or {}), "dim": data.d})
+        self._selections: dict[tuple, tuple] = {}  # (components, covariance) asked -> select_base result
+        self._configure(model or {})
+
+    def _configure(self, model: dict) -> None:
+        """Validate ``model`` and resolve "auto" components/covariance by validation (cached)."""
+        self.requested_model = dict(model)
+        config = DNMMConfig(**{**model, "dim": self.dataset["d"]})
         self.base_selection, self.base_gmm = None, None
         if config.components == "auto" or config.covariance == "auto":
             if config.variant == "proper":
-                c, cov, score, self.base_gmm = select_base(self.train_x, self.val_x, config.components,
-                                                           config.covariance)
+                key = (config.components, config.covariance)
+                if key not in self._selections:
+                    self._selections[key] = select_base(self.train_x, self.val_x, config.components,
+                                                        config.covariance)
+                c, cov, score, self.base_gmm = self._selections[key]
                 self.base_selection = {"components": c, "covariance": cov, "gmm_val_log_lik": score}
             else:  # the bounded variant has no Gaussian base to select
                 c = 8 if config.components == "auto" else config.components
                 cov = "full" if config.covariance == "auto" else config.covariance
             config = config.model_copy(update={"components": c, "covariance": cov})
         self.config = config
+
+    def with_model(self, overrides: dict) -> DNMMTask:
+        """The same data (and cached base selections) under another model config, for Tune trials."""
+        new = copy.copy(self)
+        new._configure({**self.requested_model, **overrides})
+        return new
 
     def describe(self) -> dict:
         return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump(),

@@ -176,7 +176,13 @@ def train_loop_per_worker(config: dict) -> None:
                                            config=deepspeed_config(tc, task, world, on_gpu))
 
     state, best_weights = LoopState(history=[]), None
-    checkpoint = ray.train.get_checkpoint()
+    in_tune = local and config.get("tune", False)  # an in-process Tune trial: report to Tune directly
+    if in_tune:  # Tune restores a trial from the checkpoint it persisted
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+    else:
+        checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, DS_DIR), load_module_strict=True)
@@ -193,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             best_weights = _full_state_dict(engine, tc.zero_stage)
 
     micro = max(1, tc.batch_size // world)
-    bar = _progress(tc.epochs, state.epoch, local) if rank == 0 else None
+    bar = _progress(tc.epochs, state.epoch, local) if rank == 0 and config.get("progress", True) else None
     while not state.done:
         epoch, t0 = state.epoch, time.perf_counter()
         engine.train()
@@ -228,7 +234,10 @@ def train_loop_per_worker(config: dict) -> None:
             bar.set_description(f"epochs ({task.metric} {score:.4f}, best {best})")
             bar.update(1)
         if state.done or state.epoch % tc.checkpoint_every == 0:
-            _report_with_checkpoint(engine, state, best_weights, metrics, rank, local, config.get("local_dir"))
+            _report_with_checkpoint(engine, state, best_weights, metrics, rank, local, config.get("local_dir"),
+                                    in_tune)
+        elif in_tune:
+            ray.tune.report(metrics)
         else:
             ray.train.report(metrics)
     if bar is not None:
@@ -257,8 +266,9 @@ def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
 
 
 def _report_with_checkpoint(engine, state: LoopState, best_weights, metrics: dict, rank: int, local: bool,
-                            local_dir: str | None) -> None:
-    """Save DeepSpeed state (all ranks), best weights and loop state (rank 0); report to Ray Train."""
+                            local_dir: str | None, in_tune: bool = False) -> None:
+    """Save DeepSpeed state (all ranks), best weights and loop state (rank 0); report to Ray Train
+    (and to Ray Tune, which persists the checkpoint, when this is an in-process Tune trial)."""
     import ray.train
 
     parent = local_dir if local else None
@@ -270,7 +280,12 @@ def _report_with_checkpoint(engine, state: LoopState, best_weights, metrics: dic
         if best_weights is not None:
             save_file(best_weights, os.path.join(tmp, BEST_FILE))
         Path(tmp, STATE_FILE).write_text(json.dumps(state.__dict__, default=float))
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if in_tune:
+        import ray.tune
+
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if local:  # no Ray storage in local mode: keep only this newest checkpoint on disk
         for old in Path(parent).glob("densiray-ckpt-*"):
             if str(old) != tmp:
@@ -293,10 +308,22 @@ class FitResult:
     checkpoint_path: str
 
 
-def fit(task: Task, tc: TrainConfig, *, name: str, storage: str) -> FitResult:
-    """Train ``task`` on Ray Train (or in-process with ``workers=0``); resume if the run exists."""
+def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress: bool = True) -> FitResult:
+    """Train ``task`` on Ray Train (or in-process with ``workers=0``); resume if the run exists.
+
+    Called inside a Ray Tune trial, every epoch's metrics and checkpoints also reach Tune (so that
+    schedulers such as ASHA can stop the trial and a restored sweep resumes the trial where it was).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    in_tune = _in_tune_session()
+    callbacks = []
+    if in_tune and tc.workers > 0:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
 
     use_gpu = tc.use_gpu
     if use_gpu is None:
@@ -306,22 +333,28 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str) -> FitResult:
     local_dir = os.path.join(storage, name, "local") if tc.workers == 0 and "://" not in storage else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "train": tc.model_dump(), "local_dir": local_dir},
+        train_loop_config={"task": task, "train": tc.model_dump(), "local_dir": local_dir, "tune": in_tune,
+                           "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=bool(use_gpu),
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
+    checkpoint = result.checkpoint
+    if checkpoint is None and local_dir:  # in-process runs keep their newest checkpoint in local_dir
+        newest = sorted(Path(local_dir).glob("densiray-ckpt-*"), key=lambda p: p.stat().st_mtime)
+        checkpoint = ray.train.Checkpoint.from_directory(str(newest[-1])) if newest else None
+    if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d:
         state = json.loads(Path(d, STATE_FILE).read_text())
         if not Path(d, BEST_FILE).exists():
             raise RuntimeError(f"no epoch reached a finite {task.metric}: training diverged; lower the learning rate")
         weights = load_file(os.path.join(d, BEST_FILE))
     run_path = result.path or (local_dir or "")
-    return FitResult(best_weights=weights, state=state, run_path=run_path, checkpoint_path=result.checkpoint.path)
+    return FitResult(best_weights=weights, state=state, run_path=run_path, checkpoint_path=checkpoint.path)

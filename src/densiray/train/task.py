@@ -56,6 +56,10 @@ class Task(ABC):
         """A PNG report stored beside the exported model (``report.png``), or None for none."""
         return None
 
+    def with_model(self, overrides: dict) -> Task:
+        """This Task (same data) with ``overrides`` merged into its model config: one Tune trial."""
+        raise NotImplementedError(f"{type(self).__name__} does not support Tune sweeps yet")
+
     def describe(self) -> dict:
         """A short JSON-able description for logs and provenance."""
         return {"kind": self.kind}
