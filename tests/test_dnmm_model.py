@@ -22,9 +22,17 @@ def _quadrature(m: DNMM):
         return x, m.log_prob(x).double(), cell
 
 
+WARPED = {"warp": "nsf", "warp_transforms": 2, "warp_hidden": 16}
+
+
 def _perturbed(variant: str, dim: int, seed: int = 0, **kw) -> DNMM:
-    """A DNMM whose component networks are far from zero, so normalisation really matters."""
+    """A DNMM whose component networks (and warp) are far from zero, so normalisation really matters.
+
+    ``variant="warped"``: the proper variant under a (randomly perturbed) NSF warp.
+    """
     torch.manual_seed(seed)
+    if variant == "warped":
+        variant, kw = "proper", {**WARPED, **kw}
     m = DNMM(DNMMConfig(dim=dim, components=3, covariance="full", hidden=16, variant=variant, **kw))
     rng = np.random.default_rng(seed)
     m.init_from_data(rng.normal(size=(500, dim)), seed=seed)
@@ -32,10 +40,14 @@ def _perturbed(variant: str, dim: int, seed: int = 0, **kw) -> DNMM:
         m.nets.out_weight.normal_(0, 1.0)
         m.nets.out_bias.normal_(0, 1.0)
         m.logits.copy_(torch.tensor([0.0, 0.5, -0.5]))
+        if m.warp is not None:
+            for p in m.warp.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            m.warp.requires_grad_(False)
     return m.eval()
 
 
-@pytest.mark.parametrize("variant", ["proper", "bounded"])
+@pytest.mark.parametrize("variant", ["proper", "bounded", "warped"])
 def test_density_integrates_to_one_by_quadrature(variant):
     m = _perturbed(variant, 2)
     m.freeze_normalizers(n=262144, seed=0)
@@ -64,7 +76,7 @@ def test_integral_estimator_stays_accurate_in_64_dimensions():
     assert abs(est - 1) < 4 * se + 1e-3
 
 
-@pytest.mark.parametrize("variant", ["proper", "bounded"])
+@pytest.mark.parametrize("variant", ["proper", "bounded", "warped"])
 def test_samples_match_the_density(variant):
     """Moments and E[log p] of exact samples against the same quantities by quadrature."""
     m = _perturbed(variant, 2)

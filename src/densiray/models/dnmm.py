@@ -58,6 +58,11 @@ class DNMMConfig(BaseModel):
     eval_integration_samples: int = Field(32768, ge=256, description="samples per component for evaluation")
     box_margin: float = Field(0.1, ge=0, description="bounded variant: box = data range widened by this fraction")
     init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
+    warp: Literal["none", "maf", "nsf"] = Field(
+        "none", description="proper variant: a normalizing flow u = T(x), fitted first and then frozen, under "
+                            "which the mixture is built: p(x) = p_mixture(T(x)) |det dT/dx|")
+    warp_transforms: int = Field(5, ge=1, le=32, description="flow transforms of the warp")
+    warp_hidden: int = Field(128, ge=8, le=4096, description="width of the warp's 2 hidden layers")
 
 
 def fit_gmm(x: np.ndarray, components: int, covariance: str, seed: int = 0):
@@ -66,6 +71,48 @@ def fit_gmm(x: np.ndarray, components: int, covariance: str, seed: int = 0):
 
     return GaussianMixture(components, covariance_type=covariance, reg_covar=1e-4, random_state=seed,
                            max_iter=200).fit(x)
+
+
+def make_warp(cfg: DNMMConfig) -> nn.Module | None:
+    """The (untrained) zuko flow of ``cfg.warp``, or None."""
+    if cfg.warp == "none":
+        return None
+    import zuko
+
+    cls = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}[cfg.warp]
+    return cls(features=cfg.dim, transforms=cfg.warp_transforms, hidden_features=[cfg.warp_hidden] * 2)
+
+
+def fit_flow(flow: nn.Module, train: np.ndarray, val: np.ndarray, *, seed: int = 0, lr: float = 1e-3,
+             max_epochs: int = 1000, patience: int = 30, batch_size: int = 256) -> dict:
+    """Maximum likelihood for a zuko flow with Adam and early stopping on validation (in place).
+
+    Returns ``{"epochs", "val_log_lik"}``; ``flow`` ends at its best validation epoch.
+    """
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    xt, xv = torch.as_tensor(train, dtype=torch.float32), torch.as_tensor(val, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    best, best_state, bad, epoch = -math.inf, None, 0, 0
+    for epoch in range(max_epochs):
+        flow.train()
+        for idx in np.array_split(rng.permutation(len(xt)), max(1, len(xt) // batch_size)):
+            loss = -flow().log_prob(xt[idx]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        flow.eval()
+        with torch.no_grad():
+            v = float(flow().log_prob(xv).mean())
+        if v > best:
+            best, best_state, bad = v, {k: t.clone() for k, t in flow.state_dict().items()}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    flow.load_state_dict(best_state)
+    flow.eval()
+    return {"epochs": epoch + 1, "val_log_lik": best}
 
 
 def select_base(train: np.ndarray, val: np.ndarray, components: int | str = "auto", covariance: str = "auto",
@@ -151,6 +198,9 @@ class DNMM(nn.Module):
             self.log_amp = nn.Parameter(torch.zeros(c))
             self.register_buffer("lo", -3 * torch.ones(d))
             self.register_buffer("hi", 3 * torch.ones(d))
+        self.warp = make_warp(cfg) if cfg.variant == "proper" else None
+        if cfg.warp != "none" and cfg.variant != "proper":
+            raise ValueError("warp needs the proper variant")
         # Frozen normalisers for inference (see freeze_normalizers); 0 = not yet frozen.
         self.register_buffer("log_z", torch.zeros(c))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.int64))
@@ -254,14 +304,31 @@ class DNMM(nn.Module):
         return log_z, rel_se
 
     # ----------------------------------------------------------------- densities
-    def log_prob(self, x: torch.Tensor, log_z: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x) for x of shape (N, d), with the frozen normalisers unless ``log_z`` is given."""
+    def set_warp(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a fitted warp and freeze it (the mixture is trained under a fixed warp)."""
+        self.warp.load_state_dict(state)
+        self.warp.requires_grad_(False)
+        self.warp.eval()
+
+    def to_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(u, log|det dT/dx|)`` under the warp, or ``(x, 0)`` without one."""
+        if self.warp is None:
+            return x, 0.0
+        return self.warp.transform().call_and_ladj(x)
+
+    def latent_log_prob(self, u: torch.Tensor, log_z: torch.Tensor | None = None) -> torch.Tensor:
+        """log-density of the mixture itself, in the warp's latent coordinates (= x without a warp)."""
         if log_z is None:
             if not int(self.frozen):
                 raise RuntimeError("normalisers are not frozen: call freeze_normalizers() or pass log_z")
             log_z = self.log_z
-        comp = self.log_weights().unsqueeze(1) + self.log_phi(x) - log_z.unsqueeze(1)
+        comp = self.log_weights().unsqueeze(1) + self.log_phi(u) - log_z.unsqueeze(1)
         return torch.logsumexp(comp, dim=0)
+
+    def log_prob(self, x: torch.Tensor, log_z: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x) for x of shape (N, d), with the frozen normalisers unless ``log_z`` is given."""
+        u, ladj = self.to_latent(x)
+        return self.latent_log_prob(u, log_z) + ladj
 
     def forward(self, x: torch.Tensor, n_mc: int | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
         """Log-densities of a batch (the engine's entry point, so ZeRO-3 can gather parameters).
@@ -301,6 +368,7 @@ class DNMM(nn.Module):
     def integral(self, n: int = 131072, seed: int = 1, chunk: int = 16384) -> tuple[float, float]:
         """An independent importance-sampling estimate of the integral of p and its standard error.
 
+        Under a warp the integral is taken in its latent coordinates (a bijection preserves mass).
         Proposal: the mixture of base Gaussians (proper) or uniform on the box (bounded), drawn with
         a seed different from the one used to freeze the normalisers.
         """
@@ -315,7 +383,7 @@ class DNMM(nn.Module):
                 u = torch.rand(m, self.cfg.dim, generator=gen, device=self.lo.device, dtype=self.lo.dtype)
                 x = self.lo + (self.hi - self.lo) * u
                 log_q = -self.log_volume().expand(m)
-            ratios.append(torch.exp(self.log_prob(x) - log_q))
+            ratios.append(torch.exp(self.latent_log_prob(x) - log_q))  # the warp preserves mass
         r = torch.cat(ratios).double()
         return float(r.mean()), float(r.std() / math.sqrt(len(r)))
 
@@ -361,4 +429,7 @@ class DNMM(nn.Module):
             out.append(torch.cat(got) if got else torch.empty(0, d))
         samples = torch.cat(out)
         perm = torch.randperm(len(samples), generator=gen, device=samples.device)
-        return samples[perm], n / max(proposed, 1)
+        samples = samples[perm]
+        if self.warp is not None:
+            samples = self.warp.transform().inv(samples)
+        return samples, n / max(proposed, 1)

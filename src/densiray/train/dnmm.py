@@ -41,20 +41,46 @@ class DNMMTask(Task):
         self.train_x = self.transform.transform(splits.train).astype(np.float32)
         self.val_x = self.transform.transform(splits.val).astype(np.float32)
         self.test_x = self.transform.transform(splits.test).astype(np.float32)
-        self._selections: dict[tuple, tuple] = {}  # (components, covariance) asked -> select_base result
+        self._selections: dict[tuple, tuple] = {}  # (components, covariance, warp) asked -> select_base result
+        self._warps: dict[tuple, dict] = {}  # warp settings -> fitted warp (state, latent data, fit info)
         self._configure(model or {})
+
+    def _warp(self, config: DNMMConfig) -> dict | None:
+        """The warp of ``config``, fitted once on the training rows (early stopping on validation)."""
+        if config.warp == "none":
+            return None
+        key = (config.warp, config.warp_transforms, config.warp_hidden)
+        if key not in self._warps:
+            import time
+
+            from densiray.models.dnmm import fit_flow, make_warp
+
+            print(f"densiray: fitting the {config.warp} warp ({config.warp_transforms} transforms) on "
+                  f"{len(self.train_x)} rows", flush=True)
+            t0 = time.perf_counter()
+            flow = make_warp(config)
+            info = fit_flow(flow, self.train_x, self.val_x, seed=0)
+            with torch.no_grad():
+                t = flow.transform()
+                latent = [t(torch.from_numpy(a)).numpy().astype(np.float32) for a in (self.train_x, self.val_x)]
+            self._warps[key] = {"state": {k: v.clone() for k, v in flow.state_dict().items()},
+                                "train": latent[0], "val": latent[1],
+                                "info": {**info, "fit_time_s": round(time.perf_counter() - t0, 2)}}
+        return self._warps[key]
 
     def _configure(self, model: dict) -> None:
         """Validate ``model`` and resolve "auto" components/covariance by validation (cached)."""
         self.requested_model = dict(model)
         config = DNMMConfig(**{**model, "dim": self.dataset["d"]})
         self.base_selection, self.base_gmm = None, None
+        warp = self._warp(config) if config.variant == "proper" else None
+        self.warp_info = warp["info"] if warp else None
         if config.components == "auto" or config.covariance == "auto":
             if config.variant == "proper":
-                key = (config.components, config.covariance)
+                key = (config.components, config.covariance, config.warp, config.warp_transforms, config.warp_hidden)
                 if key not in self._selections:
-                    self._selections[key] = select_base(self.train_x, self.val_x, config.components,
-                                                        config.covariance)
+                    tr, va = (warp["train"], warp["val"]) if warp else (self.train_x, self.val_x)
+                    self._selections[key] = select_base(tr, va, config.components, config.covariance)
                 c, cov, score, self.base_gmm = self._selections[key]
                 self.base_selection = {"components": c, "covariance": cov, "gmm_val_log_lik": score}
             else:  # the bounded variant has no Gaussian base to select
@@ -69,9 +95,16 @@ class DNMMTask(Task):
         new._configure({**self.requested_model, **overrides})
         return new
 
+    def warm(self, space: dict) -> None:
+        """Fit every warp (and its base selection) the sweep's ``space`` can ask for, once, here on the
+        driver: trials then share them instead of each fitting its own."""
+        spec = space.get("model.warp", "none")
+        for value in (spec.get("choice", []) if isinstance(spec, dict) else [spec]):
+            self.with_model({"warp": value})
+
     def describe(self) -> dict:
         return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump(),
-                "base_selection": self.base_selection}
+                "base_selection": self.base_selection, "warp": self.warp_info}
 
     def report_plot(self, model: DNMM, history: list[dict], title: str) -> bytes:
         from densiray.plots import density_report
@@ -80,7 +113,11 @@ class DNMMTask(Task):
 
     def build_model(self) -> DNMM:
         module = DNMM(self.config)
-        module.init_from_data(self.train_x, seed=0, gmm=self.base_gmm if self.config.init == "gmm" else None)
+        warp = self._warp(self.config) if self.config.variant == "proper" else None
+        if warp:
+            module.set_warp(warp["state"])
+        module.init_from_data(warp["train"] if warp else self.train_x, seed=0,
+                              gmm=self.base_gmm if self.config.init == "gmm" else None)
         return module
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -110,7 +147,8 @@ class DNMMTask(Task):
             name, kind=self.kind, tensors=model.state_dict(),
             config={"model": self.config.model_dump(), "train": train_config or {}, "dataset": self.dataset},
             transform=self.transform.to_dict(), metrics=self.metrics(model),
-            provenance={**provenance, "base_selection": self.base_selection}, extra_files=extra_files,
+            provenance={**provenance, "base_selection": self.base_selection, "warp": self.warp_info},
+            extra_files=extra_files,
         )
         return target.read(name)
 
@@ -118,6 +156,8 @@ class DNMMTask(Task):
         """The module with ``state`` loaded and its normalisers frozen from a large sample."""
         model = DNMM(self.config)
         model.load_state_dict(state)
+        if model.warp is not None:
+            model.warp.requires_grad_(False)
         model.eval()
         model.freeze_normalizers(n=131072, seed=0)
         return model

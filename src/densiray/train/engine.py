@@ -171,7 +171,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(tc.seed)
     model = task.build_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # frozen parameters (a fitted warp, a PEFT model's base weights) stay out of the optimizer
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(tc, task, world, on_gpu))
 

@@ -60,6 +60,9 @@ class Task(ABC):
         """This Task (same data) with ``overrides`` merged into its model config: one Tune trial."""
         raise NotImplementedError(f"{type(self).__name__} does not support Tune sweeps yet")
 
+    def warm(self, space: dict) -> None:
+        """Before a sweep: compute on the driver whatever trials of ``space`` would share (caches)."""
+
     def describe(self) -> dict:
         """A short JSON-able description for logs and provenance."""
         return {"kind": self.kind}

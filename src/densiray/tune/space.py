@@ -43,6 +43,8 @@ def default_space(kind: str, dim: int) -> dict[str, Any]:
         "train.weight_decay": {"choice": [0.0, 1e-4, 1e-3, 1e-2]},
         "train.batch_size": {"choice": [64, 128, 256]},
     }
+    if dim >= 8:  # where a single Gaussian mixture is far from the data, search a fitted flow warp under it
+        space["model.warp"] = {"choice": ["none", "nsf"]}
     if dim <= 4:  # the paper's box-supported variant: its Sobol integral is only accurate in low dimension
         space["model.variant"] = {"choice": ["proper", "bounded"]}
     return space

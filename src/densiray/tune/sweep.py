@@ -175,6 +175,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     task = api.build_task(kind, spec)
     dim = task.dataset.get("d") or 0
     search = search or default_space(kind, dim)
+    task.warm(search)
 
     described = {"task": task.describe(), "train": tc.model_dump(), "space": search,
                  "tune": st.model_dump(exclude={"time_budget_s"})}
