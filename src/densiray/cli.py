@@ -85,6 +85,17 @@ def _tune(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    if args.suite == "density":
+        from densiray.bench.density import DATASETS, run
+
+        datasets = args.datasets.split(",") if args.datasets else DATASETS
+        run(datasets, args.out or "jobs/results/density", trials=args.trials, epochs=args.epochs,
+            time_budget_s=args.time_budget_s, baselines=not args.no_baselines)
+        print(f"results in {args.out or 'jobs/results/density'}/density.md")
+    return 0
+
+
 def _models(args) -> int:
     from densiray.store import Store
 
@@ -170,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--restart", action="store_true", help="discard an unfinished sweep of the same name")
     u.add_argument("--json", action="store_true", help="print the summary as JSON")
     u.set_defaults(func=_tune)
+
+    b = sub.add_parser("bench", help="run a benchmark and write its JSON + markdown results")
+    b.add_argument("suite", choices=["density"])
+    b.add_argument("--out", help="results folder (default jobs/results/<suite>)")
+    b.add_argument("--datasets", help="comma-separated bundled datasets (default: all of the reference table)")
+    b.add_argument("--trials", type=int, default=24, help="DNMM sweep trials per dataset")
+    b.add_argument("--epochs", type=int, default=150, help="most epochs per trial")
+    b.add_argument("--time-budget-s", type=float, default=600, help="sweep time budget per dataset")
+    b.add_argument("--no-baselines", action="store_true", help="only the tuned DNMM (keep earlier baseline rows)")
+    b.set_defaults(func=_bench)
 
     m = sub.add_parser("models", help="list the models in a store")
     m.add_argument("--store")

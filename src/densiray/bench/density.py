@@ -53,39 +53,17 @@ def fit_gmm(train: np.ndarray, val: np.ndarray, test: np.ndarray) -> tuple[np.nd
     return gmm.score_samples(test), {"components": c, "covariance": cov}
 
 
-def fit_flow(kind: str, train: np.ndarray, val: np.ndarray, test: np.ndarray, *, seed: int = 0,
-             max_epochs: int = 1000, patience: int = 30, batch_size: int = 256) -> tuple[np.ndarray, dict]:
+def fit_baseline_flow(kind: str, train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
+                      seed: int = 0) -> tuple[np.ndarray, dict]:
     """zuko MAF or NSF (5 transforms, 2x128 hidden), Adam 1e-3, early stopping on validation."""
-    import zuko
+    from densiray.models.dnmm import DNMMConfig, fit_flow, make_warp
 
     torch.manual_seed(seed)
-    d = train.shape[1]
-    cls = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}[kind]
-    flow = cls(features=d, transforms=5, hidden_features=[128, 128])
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
-    xt, xv, xs = (torch.tensor(a, dtype=torch.float32) for a in (train, val, test))
-    rng = np.random.default_rng(seed)
-    best, best_state, bad, epoch = -math.inf, None, 0, 0
-    for epoch in range(max_epochs):
-        flow.train()
-        for idx in np.array_split(rng.permutation(len(xt)), max(1, len(xt) // batch_size)):
-            loss = -flow().log_prob(xt[idx]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        flow.eval()
-        with torch.no_grad():
-            v = float(flow().log_prob(xv).mean())
-        if v > best:
-            best, best_state, bad = v, {k: t.clone() for k, t in flow.state_dict().items()}, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    flow.load_state_dict(best_state)
+    flow = make_warp(DNMMConfig(dim=train.shape[1], components=1, covariance="full", warp=kind))
+    info = fit_flow(flow, train, val, seed=seed)
     with torch.no_grad():
-        lp = flow().log_prob(xs).double().numpy()
-    return lp, {"epochs": epoch + 1, "val_log_lik": best}
+        lp = flow().log_prob(torch.as_tensor(test, dtype=torch.float32)).double().numpy()
+    return lp, info
 
 
 def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int = 150, time_budget_s: float | None = 600,
@@ -100,8 +78,8 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
     store = store or tempfile.mkdtemp(prefix="densiray-bench-")
     previous = json.loads((out / "density.json").read_text()) if (out / "density.json").exists() else {}
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",
-               "command": "densiray bench density " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "density"]
-               else "python jobs/bench_density.py",
+               "command": " ".join(["densiray", *sys.argv[1:]] if sys.argv[1:3] == ["bench", "density"]
+                                   else [".venv/bin/python", *sys.argv]),
                "budget": {"trials": trials, "epochs_per_trial": epochs, "time_budget_s": time_budget_s,
                           "trial": "1 CPU, in-process DeepSpeed rank; 2 trials at a time on this 2-core machine"},
                "units": "mean test log-likelihood, nats per sample of standardised rows (± standard error)",
@@ -111,10 +89,12 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
         tr, va, te = (task.train_x.astype(np.float64), task.val_x.astype(np.float64), task.test_x.astype(np.float64))
         row: dict = {"d": task.dataset["d"], "n": task.dataset["n"], "split": task.dataset["split"], "estimators": {}}
         per_row: dict[str, np.ndarray] = {}
+        if not baselines and name in results["datasets"]:  # keep the earlier run's baseline rows
+            row["estimators"] = {k: v for k, v in results["datasets"][name]["estimators"].items() if k != "dnmm"}
         if baselines:
             for est, fn in (("kde", lambda: fit_kde(tr, te)), ("gmm", lambda: fit_gmm(tr, va, te)),
-                            ("maf", lambda: fit_flow("maf", tr, va, te, seed=seed)),
-                            ("nsf", lambda: fit_flow("nsf", tr, va, te, seed=seed))):
+                            ("maf", lambda: fit_baseline_flow("maf", tr, va, te, seed=seed)),
+                            ("nsf", lambda: fit_baseline_flow("nsf", tr, va, te, seed=seed))):
                 t0 = time.perf_counter()
                 lp, info = fn()
                 per_row[est] = lp
@@ -148,7 +128,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
 
 def markdown(results: dict) -> str:
     cols = ["kde", "gmm", "maf", "nsf", "dnmm"]
-    lines = [f"# Density benchmark: tuned DNMM vs KDE, GMM, MAF, NSF\n",
+    lines = ["# Density benchmark: tuned DNMM vs KDE, GMM, MAF, NSF\n",
              f"{results['units']}. Machine: {results['machine']}. Regenerate: `{results['command']}`.\n",
              f"DNMM tuning budget: {results['budget']}.\n",
              "| dataset | d | " + " | ".join(c.upper() if c != "dnmm" else "DNMM (tuned)" for c in cols)

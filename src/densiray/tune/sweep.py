@@ -236,13 +236,15 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
         m = r.metrics or {}
         tid = m.get("trial_id") or Path(r.path or "").name
         score = m.get(metric)
+        if not (isinstance(score, (int, float)) and math.isfinite(score)):
+            score = None  # e.g. no epoch reached a finite validation score
         row = {"trial_id": tid, **_flat(r.config or {}), metric: score, "epochs": m.get("training_iteration"),
                "best_epoch": m.get("best_epoch"), "error": " ".join(str(r.error).split())[:200] if r.error else None}
         rows.append(row)
         df = r.metrics_dataframe
         if df is not None and task.metric in df:
             curves[tid] = [float(v) for v in df[task.metric]]
-        ok = r.checkpoint is not None and isinstance(score, (int, float)) and math.isfinite(score)
+        ok = r.checkpoint is not None and score is not None
         if ok and (best is None or (score > best[0] if task.mode == "max" else score < best[0])):
             best = (score, r, tid)
     if best is None:
