@@ -74,7 +74,7 @@ def _tune(args) -> int:
     settings = {"trials": args.trials, "time_budget_s": args.time_budget_s, "epochs": args.epochs,
                 "searcher": args.searcher, "workers_per_trial": args.workers_per_trial,
                 "cpus_per_trial": args.cpus_per_trial, "max_concurrent_trials": args.max_concurrent_trials,
-                "seed": args.seed}
+                "seed": args.seed, "refit": args.refit}
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = tune(args.family, args.dataset, config=args.config, space=args.space, settings=settings,
                        name=args.name, store=args.store, restart=args.restart)
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (per worker), default 1")
     u.add_argument("--max-concurrent-trials", type=int, help="default: as many as the CPUs hold")
     u.add_argument("--seed", type=int, help="searcher seed")
+    u.add_argument("--refit", action="store_true", default=None,
+                   help="retrain the winner on train+validation rows for its best number of epochs before export")
     u.add_argument("--name", help="model name of the winner (default <family>-<dataset>-tuned)")
     u.add_argument("--store", help="model store directory or URI (default $DENSIRAY_STORE or ./models)")
     u.add_argument("--restart", action="store_true", help="discard an unfinished sweep of the same name")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from densiray.data import Standardizer, load_dataset, split
-from densiray.models.dnmm import DNMM, DNMMConfig, select_base
+from densiray.models.dnmm import DNMM, DNMMConfig, fit_gmm, make_warp, select_base
 from densiray.store import Store, StoredModel
 from densiray.train.task import Task, register
 
@@ -93,6 +93,29 @@ class DNMMTask(Task):
         """The same data (and cached base selections) under another model config, for Tune trials."""
         new = copy.copy(self)
         new._configure({**self.requested_model, **overrides})
+        return new
+
+    def with_validation_rows(self) -> DNMMTask:
+        """This Task with the validation rows added to the training rows (same config, the base mixture
+        refitted on them, the warp and the standardisation kept): for refitting a selected model.
+        Its validation score is then in-sample; train it for a fixed number of epochs (keep: last)."""
+        new = copy.copy(self)
+        new.train_x = np.concatenate([self.train_x, self.val_x])
+        new._selections, new._warps = {}, {}
+        for key, warp in self._warps.items():
+            t = make_warp(self.config.model_copy(update={"warp": key[0], "warp_transforms": key[1],
+                                                        "warp_hidden": key[2]}))
+            t.load_state_dict(warp["state"])
+            with torch.no_grad():
+                u = t.transform()(torch.from_numpy(new.train_x)).numpy().astype(np.float32)
+            new._warps[key] = {**warp, "train": u}
+        fixed = {"components": self.config.components, "covariance": self.config.covariance}
+        new._configure({**self.requested_model, **fixed})
+        if self.config.variant == "proper" and self.config.init == "gmm":
+            base = new._warps[(self.config.warp, self.config.warp_transforms, self.config.warp_hidden)]["train"] \
+                if self.config.warp != "none" else new.train_x
+            new.base_gmm = fit_gmm(base, self.config.components, self.config.covariance)
+        new.dataset = {**self.dataset, "refit": "train+validation rows"}
         return new
 
     def warm(self, space: dict) -> None:

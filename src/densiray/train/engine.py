@@ -54,6 +54,8 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_failures: int = Field(2, ge=-1, description="worker-group restarts before giving up (-1: forever)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last is always saved)")
+    keep: Literal["best", "last"] = Field("best", description="export the best epoch by the validation metric, "
+                                                              "or the last (a refit whose validation rows are trained on)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +221,8 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.no_grad():
             val = task.evaluate(engine)
         score = val[task.metric]
-        improved = math.isfinite(score) and (state.best is None or better(score, state.best, task.mode))
+        improved = math.isfinite(score) and (tc.keep == "last" or state.best is None
+                                             or better(score, state.best, task.mode))
         if improved:
             state.best, state.best_epoch, state.bad_epochs = score, epoch, 0
             best_weights = _full_state_dict(engine, tc.zero_stage)

@@ -48,6 +48,9 @@ class SweepSettings(BaseModel):
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a trial (per worker with workers_per_trial)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the CPUs hold")
     seed: int = 0
+    refit: bool = Field(False, description="retrain the winner on train+validation rows for its best number of "
+                                          "epochs before export (the sweep's selection needs validation rows; "
+                                          "the final model need not leave them out)")
 
 
 def load_space(space: str | os.PathLike | dict | None) -> dict | None:
@@ -84,7 +87,8 @@ def _concurrency(settings: SweepSettings) -> tuple[dict, int]:
     import ray
 
     have = ray.cluster_resources().get("CPU", 0)
-    per_trial = settings.cpus_per_trial * max(settings.workers_per_trial, 1)
+    # A trial that launches a worker group holds a token 0.01 CPU itself (Tune needs some resource).
+    per_trial = settings.cpus_per_trial * max(settings.workers_per_trial, 1) + 0.01 * (settings.workers_per_trial > 0)
     if per_trial > have + 1e-9 and not os.environ.get("RAY_ADDRESS"):
         raise ConfigError(f"a trial needs {per_trial:g} CPUs but the cluster has {have:g}; lower "
                           "tune.cpus_per_trial or tune.workers_per_trial")
@@ -94,7 +98,7 @@ def _concurrency(settings: SweepSettings) -> tuple[dict, int]:
         raise ConfigError(f"{settings.max_concurrent_trials} concurrent trials need {settings.max_concurrent_trials * per_trial:g} "
                           f"CPUs but the cluster has {have:g}; lower tune.max_concurrent_trials")
     # An in-process trial holds its CPUs itself; a trial that launches a worker group only waits on it.
-    resources = {"CPU": settings.cpus_per_trial} if settings.workers_per_trial == 0 else {"CPU": 0}
+    resources = {"CPU": settings.cpus_per_trial} if settings.workers_per_trial == 0 else {"CPU": 0.01}
     return resources, concurrent
 
 
@@ -261,12 +265,15 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     winner = task.with_model(result.config.get("model", {}))
     winner_tc = TrainConfig(**{**tc.model_dump(), **result.config.get("train", {})})
     model = winner.trained_model(weights)
+    refit = None
+    if st.refit:
+        winner, model, refit = _refit(winner, model, winner_tc, result.metrics.get("best_epoch"), name, runs)
     provenance = {"sweep": path, "sweep_name": exp_name, "trial_id": trial_id, "config": _flat(result.config),
                   "selected_by": f"{metric} ({task.mode})", "searcher": st.searcher,
                   "scheduler": f"ASHA(grace_period={min(st.grace_period, st.epochs)}, reduction_factor={st.reduction_factor:g}, max_t={st.epochs})",
                   "settings": st.model_dump(), "space": search, "trials": rows, "tune_time_s": round(sweep_time, 2),
                   "best_epoch": result.metrics.get("best_epoch"), "ray_version": ray.__version__,
-                  "base_selection": winner.base_selection}
+                  "base_selection": winner.base_selection, "refit": refit}
     extra = {"trials.csv": _csv(rows)}
     if plot:
         png = winner.report_plot(model, _history(result), title=f"{name}: tuned {kind} on {task.dataset['name']}")
@@ -283,6 +290,31 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
             "config": _flat(result.config), "metrics": stored.manifest["metrics"], "tune_time_s": round(sweep_time, 2),
             "concurrent_trials": concurrent, "resumed": action == "resume",
             "plots": [f"{stored.path}/{f}" for f in ("report.png", "tune.png") if f in extra]}
+
+
+def _refit(task, model, tc, best_epoch: int | None, name: str, runs: str):
+    """Retrain the winner on train+validation rows for ``best_epoch + 1`` epochs (no early stopping,
+    the last epoch kept); returns the refit task, its model and a provenance record."""
+    import densiray.api as api
+    from densiray.train.engine import fit
+
+    before = {k: model_metric for k, model_metric in task.metrics(model).items()
+              if k in ("test_log_lik", "test_log_lik_se", "val_log_lik")}
+    full = task.with_validation_rows()
+    epochs = (best_epoch if isinstance(best_epoch, int) else -1) + 1
+    print(f"densiray: refitting the winner on {len(full.train_x)} train+validation rows for {epochs} epochs",
+          flush=True)
+    t0 = time.perf_counter()
+    if epochs == 0:  # the selected model was the initial one: the base mixture refitted on all rows
+        refitted = full.trained_model(full.build_model().state_dict())
+    else:
+        rtc = tc.model_copy(update={"epochs": epochs, "patience": 0, "keep": "last"})
+        run = f"refit-{name}"
+        api._run_marker(runs, run, "refit", restart=True)
+        refitted = full.trained_model(fit(full, rtc, name=run, storage=runs, progress=False).best_weights)
+    record = {"rows": len(full.train_x), "epochs": epochs, "time_s": round(time.perf_counter() - t0, 2),
+              "before_refit": before}
+    return full, refitted, record
 
 
 def _interrupted(grid, st: SweepSettings, elapsed: float) -> bool:
