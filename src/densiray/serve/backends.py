@@ -1,0 +1,94 @@
+"""Where the HTTP endpoints get their models and log-densities from.
+
+The endpoints (:mod:`densiray.serve.endpoints`) talk to a *backend*: ``await backend.model(name)``
+returns a loaded model (or raises a RequestError: 404 unknown, 409 unreadable), and
+``await backend.log_prob(model, x)`` computes log-densities. Two backends exist: the Ray Serve
+deployment (:mod:`densiray.serve.deployment`: ``serve.multiplexed`` models, ``serve.batch``ed
+log_prob) and :class:`LocalBackend` here, for the plain single-process app the benchmark compares with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import numpy as np
+
+from densiray.errors import RequestError, StoreError
+from densiray.serve.settings import ServeSettings
+from densiray.store import Store, check_name
+
+NOT_FOUND, CONFLICT = 404, 409
+
+
+class Backend(Protocol):
+    settings: ServeSettings
+    store: Store
+
+    async def model(self, name: str) -> Any: ...
+
+    async def log_prob(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+
+
+def load(name: str, store: Store) -> Any:
+    """Load model ``name`` from ``store`` (hashes verified, never unpickled), or raise a RequestError."""
+    from densiray import load_model
+
+    try:
+        check_name(name)
+        return load_model(name, store=store.uri)
+    except StoreError as e:
+        # Unknown (or an invalid name): 404. In the store but unreadable (corrupt, tampered): 409.
+        if not store.exists(name):
+            raise RequestError(NOT_FOUND, str(e)) from e
+        raise RequestError(CONFLICT, f"model {name!r} cannot be loaded: {e}") from e
+
+
+def log_prob_batch(items: list[tuple[Any, np.ndarray]]) -> list[np.ndarray | Exception]:
+    """log p of every ``(model, rows)`` item: one call per model over the concatenated rows.
+
+    If a model's combined call fails, its items are computed one by one, so one failing item
+    returns its own exception and never fails the others.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, (model, _) in enumerate(items):
+        groups.setdefault(id(model), []).append(i)
+    out: list[np.ndarray | Exception] = [np.empty(0)] * len(items)
+    for idx in groups.values():
+        model = items[idx[0]][0]
+        try:
+            lp = model.log_prob(np.concatenate([items[i][1] for i in idx]))
+        except Exception:
+            for i in idx:
+                try:
+                    out[i] = model.log_prob(items[i][1])
+                except Exception as e:
+                    out[i] = e
+            continue
+        ends = np.cumsum([len(items[i][1]) for i in idx])
+        for i, part in zip(idx, np.split(lp, ends[:-1])):
+            out[i] = part
+    return out
+
+
+class LocalBackend:
+    """Models in a per-process LRU dict and log_prob computed per request: the plain app's backend."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.store = Store(settings.store)
+        self._models: OrderedDict[str, Any] = OrderedDict()
+
+    async def model(self, name: str) -> Any:
+        if name in self._models:
+            self._models.move_to_end(name)
+            return self._models[name]
+        model = await asyncio.to_thread(load, name, self.store)
+        self._models[name] = model
+        while len(self._models) > self.settings.max_models_per_replica:
+            self._models.popitem(last=False)
+        return model
+
+    async def log_prob(self, model: Any, x: np.ndarray) -> np.ndarray:
+        return model.log_prob(x)

@@ -1,0 +1,83 @@
+"""The Ray Serve deployment: a FastAPI ingress whose replicas load models on demand and batch log_prob.
+
+``build_app(args)`` is the application builder that ``serve/config.yaml`` names
+(``import_path: densiray.serve.deployment:build_app``); ``args`` are :class:`ServeSettings`.
+
+* Models load from the store by name through ``serve.multiplexed``: an LRU of
+  ``max_models_per_replica`` per replica; a model that fails to load is not cached.
+* ``log_prob`` and ``score`` requests, validated one by one first, go through ``serve.batch``:
+  requests that arrive within ``batch_wait_timeout_s`` of each other are computed together, one
+  ``log_prob`` call per model (a batch may mix models).
+* Replicas reserve ``replica_cpus`` (0.5 by default) so serving fits beside other work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+
+from densiray.serve.backends import load, log_prob_batch
+from densiray.serve.endpoints import make_api
+from densiray.serve.settings import ServeSettings
+from densiray.store import Store
+
+APP_NAME = "densiray"
+
+
+@serve.deployment(name="DensityService")
+@serve.ingress()
+class DensityService:
+    """One replica: a store, a multiplexed model cache, a batch queue, and the FastAPI app over them."""
+
+    def __init__(self, settings: dict):
+        import torch
+
+        self.settings = ServeSettings.parse(settings)
+        torch.set_num_threads(self.settings.torch_threads)
+        self.store = Store(self.settings.store)
+
+        # Closures, not methods: the Serve decorators then hold per-replica settings.
+        async def load_one(name: str) -> Any:
+            return await asyncio.to_thread(load, name, self.store)
+
+        async def log_prob_many(items: list[tuple[Any, np.ndarray]]) -> list[np.ndarray | Exception]:
+            return log_prob_batch(items)
+
+        s = self.settings
+        self._load = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_one)
+        self._batched = serve.batch(max_batch_size=s.max_batch_size,
+                                    batch_wait_timeout_s=s.batch_wait_timeout_s)(log_prob_many)
+
+    def __serve_build_asgi_app__(self):
+        return make_api(self)
+
+    async def model(self, name: str) -> Any:
+        return await self._load(name)
+
+    async def log_prob(self, model: Any, x: np.ndarray) -> np.ndarray:
+        if not self.settings.batching:
+            return model.log_prob(x)
+        result = await self._batched((model, x))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def build_app(args: dict | None = None) -> Application:
+    """The densiray Serve application from settings ``args`` (a dict, as in a config file's ``args``).
+
+    A relative local store path is made absolute here, where the app is built.
+    """
+    settings = ServeSettings.parse(args)
+    settings = settings.model_copy(update={"store": Store(settings.store).uri})
+    deployment = DensityService.options(
+        num_replicas=settings.replicas,
+        ray_actor_options={"num_cpus": settings.replica_cpus},
+        max_ongoing_requests=settings.max_ongoing_requests,
+        logging_config={"enable_access_log": settings.access_log},
+    )
+    return deployment.bind(settings.model_dump())
