@@ -2,7 +2,9 @@
 
 The endpoints (:mod:`densiray.serve.endpoints`) talk to a *backend*: ``await backend.model(name)``
 returns a loaded model (or raises a RequestError: 404 unknown, 409 unreadable), and
-``await backend.log_prob(model, x)`` computes log-densities. Two backends exist: the Ray Serve
+``await backend.log_prob(model, x)`` computes log-densities. Loaded models are cached under
+``name@version`` (:class:`Versions`), so a model exported again under the same name is picked up
+within ``model_refresh_s``. Two backends exist: the Ray Serve
 deployment (:mod:`densiray.serve.deployment`: ``serve.multiplexed`` models, ``serve.batch``ed
 log_prob) and :class:`LocalBackend` here, for the plain single-process app the benchmark compares with.
 """
@@ -10,6 +12,7 @@ log_prob) and :class:`LocalBackend` here, for the plain single-process app the b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -45,6 +48,26 @@ def load(name: str, store: Store) -> Any:
         raise RequestError(CONFLICT, f"model {name!r} cannot be loaded: {e}") from e
 
 
+class Versions:
+    """The current version of each model name (:meth:`Store.version`), re-checked at most every ``refresh_s``."""
+
+    def __init__(self, store: Store, refresh_s: float):
+        self.store, self.refresh_s = store, refresh_s
+        self._seen: dict[str, tuple[str, float]] = {}
+
+    def key(self, name: str) -> str | None:
+        """``name@version`` to cache the model under, or None when the store has no such model."""
+        now = time.monotonic()
+        seen = self._seen.get(name)
+        if seen is None or now - seen[1] > self.refresh_s:
+            version = self.store.version(name)
+            if version is None:  # unknown: not remembered, so a model exported later is found at once
+                self._seen.pop(name, None)
+                return None
+            seen = self._seen[name] = (version, now)
+        return f"{name}@{seen[0]}"
+
+
 def log_prob_batch(items: list[tuple[Any, np.ndarray]]) -> list[np.ndarray | Exception]:
     """log p of every ``(model, rows)`` item: one call per model over the concatenated rows.
 
@@ -78,14 +101,16 @@ class LocalBackend:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.store = Store(settings.store)
+        self.versions = Versions(self.store, settings.model_refresh_s)
         self._models: OrderedDict[str, Any] = OrderedDict()
 
     async def model(self, name: str) -> Any:
-        if name in self._models:
-            self._models.move_to_end(name)
-            return self._models[name]
-        model = await asyncio.to_thread(load, name, self.store)
-        self._models[name] = model
+        key = self.versions.key(name)
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        model = await asyncio.to_thread(load, name, self.store)  # unknown (key None): raises the 404
+        self._models[key or name] = model
         while len(self._models) > self.settings.max_models_per_replica:
             self._models.popitem(last=False)
         return model

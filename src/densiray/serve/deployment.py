@@ -4,7 +4,8 @@
 (``import_path: densiray.serve.deployment:build_app``); ``args`` are :class:`ServeSettings`.
 
 * Models load from the store by name through ``serve.multiplexed``: an LRU of
-  ``max_models_per_replica`` per replica; a model that fails to load is not cached.
+  ``max_models_per_replica`` per replica, keyed ``name@version`` so that a model exported again is
+  loaded afresh (within ``model_refresh_s``); a model that fails to load is not cached.
 * ``log_prob`` and ``score`` requests, validated one by one first, go through ``serve.batch``:
   requests that arrive within ``batch_wait_timeout_s`` of each other are computed together, one
   ``log_prob`` call per model (a batch may mix models).
@@ -20,7 +21,7 @@ import numpy as np
 from ray import serve
 from ray.serve import Application
 
-from densiray.serve.backends import load, log_prob_batch
+from densiray.serve.backends import Versions, load, log_prob_batch
 from densiray.serve.endpoints import make_api
 from densiray.serve.settings import ServeSettings
 from densiray.store import Store
@@ -39,10 +40,11 @@ class DensityService:
         self.settings = ServeSettings.parse(settings)
         torch.set_num_threads(self.settings.torch_threads)
         self.store = Store(self.settings.store)
+        self.versions = Versions(self.store, self.settings.model_refresh_s)
 
         # Closures, not methods: the Serve decorators then hold per-replica settings.
-        async def load_one(name: str) -> Any:
-            return await asyncio.to_thread(load, name, self.store)
+        async def load_one(key: str) -> Any:
+            return await asyncio.to_thread(load, key.rsplit("@", 1)[0], self.store)
 
         async def log_prob_many(items: list[tuple[Any, np.ndarray]]) -> list[np.ndarray | Exception]:
             return log_prob_batch(items)
@@ -56,7 +58,10 @@ class DensityService:
         return make_api(self)
 
     async def model(self, name: str) -> Any:
-        return await self._load(name)
+        key = self.versions.key(name)
+        if key is None:  # not in the store: answer the 404 without a failed load in the model cache
+            return await asyncio.to_thread(load, name, self.store)
+        return await self._load(key)
 
     async def log_prob(self, model: Any, x: np.ndarray) -> np.ndarray:
         if not self.settings.batching:

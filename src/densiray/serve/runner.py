@@ -81,7 +81,9 @@ def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, r
                             f"pass --host {running.host} --port {running.port}, or stop it with `serve shutdown`")
     if running is None and not _port_free(host, port):
         raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    # The proxy's access log costs CPU on every request; it follows the `access_log` setting.
+    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly",
+                logging_config={"enable_access_log": resolved.access_log})
     serve.run(build_app(resolved.model_dump()), name=APP_NAME, route_prefix="/")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     _wait_ready(url, READY_TIMEOUT_S)

@@ -19,10 +19,13 @@ class ServeSettings(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, le=10_000, description="requests a replica takes at once")
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
     max_models_per_replica: int = Field(4, ge=1, le=1024, description="models kept loaded per replica (LRU)")
+    model_refresh_s: float = Field(5.0, ge=0, le=3600, description="how often a replica checks whether a "
+                                                                "loaded model was exported again")
     # Batching of log_prob (and score) requests across clients.
     batching: bool = Field(True, description="batch log_prob/score requests with serve.batch")
     max_batch_size: int = Field(32, ge=1, le=4096, description="requests per batch")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1, description="how long a batch waits to fill (0: it takes "
+                                        "what queued while the previous batch ran)")
     # Limits on one request.
     max_rows: int = Field(10_000, ge=1, le=10_000_000, description="rows of x per request")
     max_samples: int = Field(10_000, ge=1, le=10_000_000, description="n per sample request")
