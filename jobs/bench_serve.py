@@ -225,7 +225,9 @@ class Servers:
 # ---------------------------------------------------------------------------------------------
 
 BATCHING, NO_BATCHING = {"batching": True}, {"batching": False}
-MAIN = {"serve, batching": (BATCHING, False), "serve, no batching": (NO_BATCHING, False), "plain uvicorn": (None, False)}
+# name -> (Serve settings, or None for the plain app; address the replica directly)
+MAIN = {"serve, batching": (BATCHING, False), "serve, no batching": (NO_BATCHING, False),
+        "plain uvicorn": (None, False)}
 METRICS = ("rps", "rows_per_s", "p50_ms", "p99_ms", "non_2xx", "5xx", "errors")
 
 
@@ -248,7 +250,8 @@ def measure(servers: Servers, configs: dict, path: str, body: str | None, rows: 
             r["rows_per_s"] = round(r["rps"] * rows, 1)
             runs[name].append(r)
             print(f"  [{rep + 1}/{repeats}] {name:44s} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                  f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']}  5xx {r['5xx']}  cpu/req {r['cpu_ms_per_request']}",
+                  f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']}  5xx {r['5xx']}  "
+                  f"cpu/req {r['cpu_ms_per_request']}",
                   flush=True)
     return {name: median_of(rs) for name, rs in runs.items()}
 
@@ -331,7 +334,8 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 def _cpu(r: dict) -> str:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,7 +47,7 @@ from densiray.serve.schemas import (
 
 logger = logging.getLogger("densiray.serve")
 
-BAD_REQUEST, TOO_LARGE = 400, 413
+BAD_REQUEST, CONFLICT, TOO_LARGE = 400, 409, 413
 # Which model attribute each endpoint needs: a density has log_prob/sample/threshold, a classifier predict.
 NEEDS = {"log_prob": "log_prob", "sample": "sample", "score": "threshold", "classify": "predict"}
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -165,6 +166,9 @@ def make_api(backend: Backend) -> FastAPI:
     async def score(name: str, body: ScoreRequest) -> JSONResponse:
         """Outlier scores -log p(x) against the threshold at ``percentile`` of in-distribution rows."""
         model = await model_for(name, "score")
+        if not (getattr(model, "metrics", None) or {}).get("calibration"):
+            raise RequestError(CONFLICT, f"model {name!r} has no outlier calibration (exported by an older "
+                                         "densiray); export it again to score with it, or use log_prob")
         threshold = model.threshold(body.percentile)  # DataError (422) for a percentile it does not have
         rows = check.check_rows(body.x, model.dim, name, settings)
         scores = -(await backend.log_prob(model, rows))
@@ -185,7 +189,9 @@ def make_api(backend: Backend) -> FastAPI:
         texts = check.check_texts(body.texts, settings)
         model = await model_for(name, "classify")
         out = await asyncio.to_thread(model.predict, texts)
-        return ClassifyResponse(**{k: out[k] for k in ("labels", "probs", "activation_density")})
+        return ClassifyResponse(labels=[str(label) for label in out["labels"]],
+                                probs=np.asarray(out["probs"], dtype=float).tolist(),
+                                activation_density=np.asarray(out["activation_density"], dtype=float).tolist())
 
     return app
 

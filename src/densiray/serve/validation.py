@@ -91,13 +91,15 @@ def _bad(msg: str) -> RequestError:
 def check_rows(x: list[list[float]], dim: int, name: str, settings: ServeSettings) -> np.ndarray:
     """``x`` as a float64 (n, dim) array, or a RequestError: empty, too many rows, ragged or wrong width."""
     if not x:
-        raise _bad(f"x is empty; send at least one row of {dim} numbers, e.g. {{\"x\": [[{', '.join(['0.0'] * dim)}]]}}")
+        row = ", ".join(["0.0"] * min(dim, 3)) + (", ..." if dim > 3 else "")
+        raise _bad(f'x is empty; send at least one row of {dim} numbers, e.g. {{"x": [[{row}]]}}')
     if len(x) > settings.max_rows:
         raise _bad(f"x has {len(x)} rows, more than the {settings.max_rows} allowed per request; "
                    "split it into smaller requests")
     for i, row in enumerate(x):
         if len(row) != dim:
-            raise _bad(f"x[{i}] has {len(row)} value{'' if len(row) == 1 else 's'} but model {name!r} takes rows of {dim} (d={dim}); "
+            values = f"{len(row)} value{'' if len(row) == 1 else 's'}"
+            raise _bad(f"x[{i}] has {values} but model {name!r} takes rows of {dim} (d={dim}); "
                        f"send every row with {dim} numbers")
     return np.asarray(x, dtype=np.float64)
 
