@@ -340,7 +340,7 @@ def machine() -> str:
 
 def _cpu(r: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_ms_per_request", {}).items()
-                     if k in ("proxy", "replica", "plain app")) or "–"
+                     if k in ("proxy", "replica", "plain app") and v >= 0.05) or "–"
 
 
 def _table(rows: dict, rows_col: bool = True) -> list[str]:
@@ -357,21 +357,30 @@ def verdict(result: dict) -> list[str]:
     main = result["main"]
     best = max(("serve, batching", "serve, no batching"), key=lambda k: main[k]["rps"])
     s, p = main[best], main["plain uvicorn"]
-    five = sum(r["5xx"] for r in main.values())
+    five = sum(r["5xx"] for part in ("main", "sweep", "direct") for r in result.get(part, {}).values())
     lines = [f"**Goal (Serve ≥ plain throughput at no worse p99, zero 5xx):** "
-             f"{'met' if s['rps'] >= p['rps'] and s['p99_ms'] <= p['p99_ms'] else 'not met'}. "
-             f"The better Serve configuration ({best}) reaches {s['rps'] / p['rps']:.0%} of the plain app's "
-             f"requests/s (p99 {s['p99_ms']:.0f} ms against {p['p99_ms']:.0f} ms); {five:.0f} responses were 5xx."]
+             f"{'met' if s['rps'] >= p['rps'] and s['p99_ms'] <= p['p99_ms'] else 'not met'} at {result['meta']['rows']} "
+             f"rows per request. The better Serve configuration ({best}) reaches {s['rps'] / p['rps']:.0%} of the plain "
+             f"app's requests/s, p99 {s['p99_ms']:.0f} ms against {p['p99_ms']:.0f} ms; {five:.0f} responses were 5xx "
+             "in the whole run.", ""]
     h = result["healthz"]
-    lines.append(f"On `GET /healthz` Serve answers {h['serve']['rps']:.0f} req/s against the plain app's "
-                 f"{h['plain uvicorn']['rps']:.0f}: the Serve request path costs "
-                 f"{_cpu(h['serve'])} CPU ms per request before any model work, the plain app "
-                 f"{_cpu(h['plain uvicorn'])}.")
+    lines.append(f"* Where the time goes: on `GET /healthz` Serve answers {h['serve']['rps']:.0f} req/s against the "
+                 f"plain app's {h['plain uvicorn']['rps']:.0f}; its request path costs {_cpu(h['serve'])} CPU ms per "
+                 f"request before any model work, against {_cpu(h['plain uvicorn'])} for the whole plain app.")
+    sweep = result.get("sweep", {})
+    big = [k for k in sweep if k.startswith("plain uvicorn, ") and "1024" in k]
+    if big:
+        sb, sn, pb = (sweep[k.replace("plain uvicorn", v)] for k in big[:1]
+                      for v in ("serve, batching", "serve, no batching", "plain uvicorn"))
+        lines.append(f"* With 1024 rows per request the model work dominates: Serve makes {sb['rps']:.1f} / "
+                     f"{sn['rps']:.1f} req/s (batching / not) against the plain app's {pb['rps']:.1f}, p99 "
+                     f"{sb['p99_ms']:.0f} / {sn['p99_ms']:.0f} ms against {pb['p99_ms']:.0f} ms.")
     if result.get("direct"):
         d = result["direct"]
-        lines.append(f"With Ray's throughput-optimized mode and the replica addressed directly, Serve (batching) makes "
-                     f"{d['serve (throughput-optimized), batching, direct']['rps']:.0f} req/s against the plain app's "
-                     f"{d['plain uvicorn']['rps']:.0f} in the same phase.")
+        dd, dp = d["serve (throughput-optimized), batching, direct"], d["plain uvicorn"]
+        lines.append(f"* Past the proxy (throughput-optimized Ray, replica addressed directly) Serve makes "
+                     f"{dd['rps']:.0f} req/s against the plain app's {dp['rps']:.0f} in the same phase "
+                     f"({dd['rps'] / dp['rps']:.0%}), p99 {dd['p99_ms']:.0f} ms against {dp['p99_ms']:.0f} ms.")
     return lines
 
 
@@ -382,9 +391,10 @@ def write_report(out: Path, result: dict) -> None:
     lines = [
         "# Model server load benchmark", "",
         f"{m['machine']}; Ray {m['ray']}; load average {m['loadavg_start']} when the run started (the machine is "
-        f"shared, so absolute numbers move with the other work on it). {m['clients']} concurrent keep-alive clients "
+        f"shared, so absolute numbers move with the other work on it; {m['loadavg_end']} when it ended). {m['clients']} concurrent keep-alive clients "
         f"(aiohttp, one process, on the same cores) over loopback; {m['requests']} `log_prob` requests of {m['rows']} "
-        f"rows per configuration and repeat; medians of {m['repeats']} interleaved repeats. Model: {m['model']}. "
+        f"rows per configuration and repeat ({m['requests']} per tuning run); medians of {m['repeats']} interleaved repeats (tuning runs: "
+        f"{max(1, m['repeats'] - 1)}). Model: {m['model']}. "
         f"Serve: defaults of `densiray serve` ({m['serve_defaults']}). The plain app is the same FastAPI app and "
         f"validation in one uvicorn process without Ray, run at Ray's worker niceness ({m['niceness']}). CPU ms per "
         f"request: CPU time of each process during the load divided by the requests (from /proc).", "",
@@ -435,11 +445,12 @@ def main() -> None:
         "machine": machine(), "ray": ray.__version__, "loadavg_start": loadavg, "clients": args.clients,
         "requests": args.requests, "rows": args.rows, "repeats": args.repeats, "model": described,
         "niceness": worker_niceness(), "minutes": (time.time() - t0) / 60,
+        "loadavg_end": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
         "serve_defaults": f"1 replica x {defaults.replica_cpus} CPU, max_ongoing_requests "
                           f"{defaults.max_ongoing_requests}, max_batch_size {defaults.max_batch_size}, batch wait "
-                          f"{defaults.batch_wait_timeout_s * 1e3:g} ms, {defaults.torch_threads} torch thread, "
-                          f"access log {'on' if defaults.access_log else 'off'}",
-        "command": "python jobs/bench_serve.py " + " ".join(sys.argv[1:]),
+                          f"{defaults.batch_wait_timeout_s * 1e3:g} ms, max_rows_per_call {defaults.max_rows_per_call}, "
+                          f"{defaults.torch_threads} torch thread, access log {'on' if defaults.access_log else 'off'}",
+        "command": " ".join([".venv/bin/python jobs/bench_serve.py", *sys.argv[1:]]),
     }
     write_report(Path(args.out), result)
     print(f"wrote {args.out}/serve.json and serve.md")

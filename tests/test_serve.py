@@ -25,7 +25,7 @@ import densiray
 from densiray.store import MANIFEST, WEIGHTS, Store
 
 LIMITS = {"max_rows": 500, "max_samples": 300, "max_texts": 4, "max_text_chars": 50, "max_body_bytes": 64 << 10,
-          "model_refresh_s": 0.2}
+          "model_refresh_s": 0.2, "max_rows_per_call": 8}
 ROW = [0.5, 0.25]
 
 
@@ -134,7 +134,8 @@ class TestServeApp:
         url, store = app
         models = {n: densiray.load_model(n, store=store) for n in ("moons", "moons-shifted")}
         rng = np.random.default_rng(0)
-        jobs = [("moons" if i % 2 else "moons-shifted", rng.normal(size=(1 + i % 7, 2)).tolist()) for i in range(48)]
+        # 1-20 rows: batched and sliced into calls of 8 rows; from 8 rows a request skips the queue
+        jobs = [("moons" if i % 2 else "moons-shifted", rng.normal(size=(1 + i % 20, 2)).tolist()) for i in range(48)]
         with ThreadPoolExecutor(16) as pool:
             out = list(pool.map(lambda j: post(url, f"/v1/models/{j[0]}/log_prob", {"x": j[1]}), jobs))
         for (name, x), r in zip(jobs, out):
@@ -235,16 +236,16 @@ class TestServeApp:
         assert after.status == "HEALTHY" and after.replica_states == before.replica_states
 
 
-def test_log_prob_batch_groups_by_model_and_isolates_failures():
-    """The batch function itself: mixed models, one call per model, a bad item fails alone."""
+def test_log_prob_batch_groups_by_model_slices_rows_and_isolates_failures():
+    """The batch function itself: mixed models, calls of at most max_rows rows, a bad item fails alone."""
     from densiray.serve.backends import log_prob_batch
 
     class Counting:
         def __init__(self, shift):
-            self.shift, self.calls = shift, 0
+            self.shift, self.calls = shift, []
 
         def log_prob(self, x):
-            self.calls += 1
+            self.calls.append(len(x))
             x = np.asarray(x)
             if x.shape[1] != 2:
                 raise ValueError("bad width")
@@ -252,10 +253,13 @@ def test_log_prob_batch_groups_by_model_and_isolates_failures():
 
     a, b = Counting(0.0), Counting(100.0)
     items = [(a, np.ones((2, 2))), (b, np.ones((1, 2))), (a, np.zeros((3, 2)))]
-    out = log_prob_batch(items)
+    out = log_prob_batch(items, max_rows=1000)
     assert [o.tolist() for o in out] == [[2.0, 2.0], [102.0], [0.0, 0.0, 0.0]]
-    assert a.calls == 1 and b.calls == 1
-    out = log_prob_batch([(a, np.ones((1, 2))), (a, np.ones((1, 3)))])
+    assert a.calls == [5] and b.calls == [1]
+    a.calls = []
+    out = log_prob_batch([(a, np.ones((3, 2))), (a, np.ones((4, 2)))], max_rows=3)
+    assert [o.tolist() for o in out] == [[2.0] * 3, [2.0] * 4] and a.calls == [3, 3, 1]
+    out = log_prob_batch([(a, np.ones((1, 2))), (a, np.ones((1, 3)))], max_rows=1000)
     assert out[0].tolist() == [2.0] and isinstance(out[1], ValueError)
 
 

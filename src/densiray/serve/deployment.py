@@ -7,8 +7,9 @@
   ``max_models_per_replica`` per replica, keyed ``name@version`` so that a model exported again is
   loaded afresh (within ``model_refresh_s``); a model that fails to load is not cached.
 * ``log_prob`` and ``score`` requests, validated one by one first, go through ``serve.batch``:
-  requests that arrive within ``batch_wait_timeout_s`` of each other are computed together, one
-  ``log_prob`` call per model (a batch may mix models).
+  up to ``max_batch_size`` requests queued together are computed together, per model (a batch may
+  mix models), in calls of at most ``max_rows_per_call`` rows. Batching fills those calls; a request
+  that fills one on its own skips the queue.
 * Replicas reserve ``replica_cpus`` (0.5 by default) so serving fits beside other work.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from ray import serve
 from ray.serve import Application
 
-from densiray.serve.backends import Versions, load, log_prob_batch
+from densiray.serve.backends import Versions, load, log_prob_batch, log_prob_rows
 from densiray.serve.endpoints import make_api
 from densiray.serve.settings import ServeSettings
 from densiray.store import Store
@@ -47,7 +48,7 @@ class DensityService:
             return await asyncio.to_thread(load, key.rsplit("@", 1)[0], self.store)
 
         async def log_prob_many(items: list[tuple[Any, np.ndarray]]) -> list[np.ndarray | Exception]:
-            return log_prob_batch(items)
+            return log_prob_batch(items, self.settings.max_rows_per_call)
 
         s = self.settings
         self._load = serve.multiplexed(max_num_models_per_replica=s.max_models_per_replica)(load_one)
@@ -64,8 +65,8 @@ class DensityService:
         return await self._load(key)
 
     async def log_prob(self, model: Any, x: np.ndarray) -> np.ndarray:
-        if not self.settings.batching:
-            return model.log_prob(x)
+        if not self.settings.batching or len(x) >= self.settings.max_rows_per_call:
+            return log_prob_rows(model, x, self.settings.max_rows_per_call)
         result = await self._batched((model, x))
         if isinstance(result, Exception):
             raise result
