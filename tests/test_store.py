@@ -374,3 +374,13 @@ def test_pickle_is_never_unpickled(tmp_path: Path, writer: str) -> None:
     with pytest.raises(StoreError, match="not a readable safetensors file"):
         Store(str(tmp_path / "store")).read("m1")
     assert not marker.exists()
+
+
+def test_version_changes_when_a_model_is_exported_again(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    assert store.version("m1") is None and store.version("../m1") is None
+    export(store, "m1", seed=0)
+    first = store.version("m1")
+    assert first is not None and store.version("m1") == first
+    export(store, "m1", seed=1)
+    assert store.version("m1") not in (None, first)

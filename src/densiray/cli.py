@@ -118,6 +118,42 @@ def _models(args) -> int:
     return 0
 
 
+def _serve_example(url: str, store: str | None) -> str:
+    """A curl line for the first servable model in the store (or a placeholder name)."""
+    from densiray.store import Store
+
+    rows = [r for r in Store(store).list() if "error" not in r and r.get("d")]
+    name, d = (rows[0]["name"], rows[0]["d"]) if rows else ("<name>", 2)
+    body = json.dumps({"x": [[0.0] * d]})
+    return f"curl -s -X POST {url}/v1/models/{name}/log_prob -H 'Content-Type: application/json' -d '{body}'"
+
+
+def _serve(args) -> int:
+    """Start the Serve app, print its URL and a curl example, block until Ctrl-C, then shut Serve down."""
+    import time
+
+    import densiray.serve as ds
+    from densiray.store import Store
+
+    store = Store(args.store)
+    try:
+        url = ds.start(store=args.store, host=args.host, port=args.port, replicas=args.replicas,
+                       batching=not args.no_batching)
+        print(f"densiray: serving the models in {store.uri} at {url}  (API docs: {url}/docs)")
+        if not store.list():
+            print("densiray: the store is empty; train a model (densiray train ...) and it is served by name")
+        print(f"  curl -s {url}/v1/models")
+        print(f"  {_serve_example(url, args.store)}")
+        print("press Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("densiray: stopping Serve", flush=True)
+        ds.shutdown()
+        print("densiray: stopped", flush=True)
+    return 0
+
+
 def _quickstart(args) -> int:
     """Train a DNMM on the moons data with 2 DeepSpeed ZeRO-2 workers, export it, summarise it."""
     import densiray.api as api
@@ -198,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--store")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_models)
+
+    s = sub.add_parser("serve", help="serve the store's models over HTTP with Ray Serve (until Ctrl-C)")
+    s.add_argument("--store", help="model store directory or URI (default $DENSIRAY_STORE or ./models)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1, help="Serve replicas (each takes 0.5 CPU)")
+    s.add_argument("--no-batching", action="store_true", help="compute each log_prob request on its own")
+    s.set_defaults(func=_serve)
 
     q = sub.add_parser("quickstart", help="train, export and load a DNMM on the moons data, end to end")
     q.add_argument("--store")

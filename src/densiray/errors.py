@@ -15,3 +15,11 @@ class ConfigError(DensirayError):
 
 class StoreError(DensirayError):
     """A model store problem: unknown model, corrupt or tampered folder, bad name."""
+
+
+class RequestError(DensirayError):
+    """A request the model server refuses: answered with HTTP ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

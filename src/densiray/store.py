@@ -397,6 +397,17 @@ class Store:
         with self._io(f"look up model {name!r} in {self.uri}"):
             return self._fs.get_file_info(f"{self._fs_path(name)}/{MANIFEST}").type == pafs.FileType.File
 
+    def version(self, name: str) -> str | None:
+        """A cheap fingerprint of model ``name`` (its manifest's size and modification time), or None if the
+        store has no such model; it changes when the model is exported again. One stat, no read."""
+        if not _is_name(name):
+            return None
+        with self._io(f"look up model {name!r} in {self.uri}"):
+            info = self._fs.get_file_info(f"{self._fs_path(name)}/{MANIFEST}")
+        if info.type != pafs.FileType.File:
+            return None
+        return f"{info.size}-{info.mtime_ns}"
+
     def _unknown(self, name: str) -> StoreError:
         """The error for a model name this store does not hold, listing what it does hold."""
         names = [m["name"] for m in self.list()]

@@ -1,0 +1,314 @@
+"""The model server end to end: a real Ray Serve app on 127.0.0.1 (a free port), real HTTP.
+
+One Serve app is shared by the TestServeApp class (Serve takes ~15-30 s to come up) and shut down
+after it; the `densiray serve` smoke test then starts its own from a subprocess on the same Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import densiray
+from densiray.store import MANIFEST, WEIGHTS, Store
+
+LIMITS = {"max_rows": 500, "max_samples": 300, "max_texts": 4, "max_text_chars": 50, "max_body_bytes": 64 << 10,
+          "model_refresh_s": 0.2, "max_rows_per_call": 8}
+ROW = [0.5, 0.25]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_copy(store: str, source: str, name: str, shift: float = 0.0) -> None:
+    """Export ``source``'s weights as ``name``, with the component means moved by ``shift``."""
+    stored = Store(store).read(source)
+    m = stored.manifest
+    tensors = {k: (v + shift if k == "loc" else v) for k, v in stored.tensors.items()}
+    Store(store).export(name, kind="dnmm", tensors=tensors, config=m["config"], transform=m["transform"],
+                        metrics=m["metrics"], provenance={})
+
+
+def make_store(root: Path) -> str:
+    """moons (an initial DNMM, valid and cheap), a shifted copy, and three broken folders."""
+    from densiray.api import RunSpec, build_task
+
+    store = str(root / "models")
+    task = build_task("dnmm", RunSpec(dataset="moons", n=400, model={"components": 4, "hidden": 16}))
+    stored = task.export(task.trained_model(task.build_model().state_dict()), store=store, name="moons",
+                         provenance={})
+    assert "loc" in stored.tensors
+    export_copy(store, "moons", "moons-shifted", shift=0.7)
+    for name in ("tampered", "edited", "broken"):
+        shutil.copytree(Path(store, "moons"), Path(store, name))
+    weights = Path(store, "tampered", WEIGHTS)  # flipped bytes in the weights
+    data = bytearray(weights.read_bytes())
+    data[-10:] = bytes(b ^ 0xFF for b in data[-10:])
+    weights.write_bytes(bytes(data))
+    manifest = json.loads(Path(store, "edited", MANIFEST).read_text())  # an architecture the weights do not fit
+    manifest["config"]["model"]["hidden"] = 32
+    Path(store, "edited", MANIFEST).write_text(json.dumps(manifest))
+    Path(store, "broken", MANIFEST).write_text("{not json")  # unreadable: listed with its error
+    return store
+
+
+def post(url: str, path: str, body=None, raw: bytes | None = None, **kw) -> requests.Response:
+    if raw is not None:
+        return requests.post(url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=60, **kw)
+    return requests.post(url + path, json=body, timeout=60, **kw)
+
+
+def refused(r: requests.Response, status: int, *words: str) -> str:
+    """Assert a one-line JSON error with ``status`` mentioning ``words``; returns the message."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    msg = body["error"]
+    assert "\n" not in msg and msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+    return msg
+
+
+@pytest.fixture(scope="class")
+def app(ray_cluster, tmp_path_factory):
+    import densiray.serve as ds
+
+    store = make_store(tmp_path_factory.mktemp("serve"))
+    url = ds.start(store=store, port=free_port(), **LIMITS)
+    yield url, store
+    ds.shutdown()
+
+
+class TestServeApp:
+    def test_health_openapi_and_model_list(self, app):
+        url, _ = app
+        assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
+        spec = requests.get(url + "/openapi.json", timeout=30).json()
+        for path in ("log_prob", "sample", "score", "classify"):
+            assert f"/v1/models/{{name}}/{path}" in spec["paths"]
+        assert {"RowsRequest", "LogProbResponse", "SampleRequest", "ScoreResponse", "ClassifyRequest",
+                "ErrorResponse"} <= set(spec["components"]["schemas"])
+        models = {m["name"]: m for m in requests.get(url + "/v1/models", timeout=30).json()["models"]}
+        assert {"moons", "moons-shifted", "tampered", "edited", "broken"} <= set(models)
+        assert models["moons"]["kind"] == "dnmm" and models["moons"]["dim"] == 2
+        assert "test_log_lik" in models["moons"]["metrics"]
+        assert "not valid JSON" in models["broken"]["error"] and models["broken"]["kind"] is None
+
+    def test_log_prob_sample_and_score_match_the_loaded_model(self, app):
+        url, store = app
+        local = densiray.load_model("moons", store=store)
+        x = [[0.5, 0.25], [-1.0, 2.0], [1e300, 0.0]]
+        lp = post(url, "/v1/models/moons/log_prob", {"x": x}).json()["log_prob"]
+        np.testing.assert_allclose(lp[:2], local.log_prob(x[:2]), rtol=1e-6)
+        assert lp[2] is None  # the density underflows to 0 there: JSON has no -inf
+
+        s1 = post(url, "/v1/models/moons/sample", {"n": 5, "seed": 3}).json()["samples"]
+        s2 = post(url, "/v1/models/moons/sample", {"n": 5, "seed": 3}).json()["samples"]
+        assert s1 == s2 and np.array(s1).shape == (5, 2)
+        np.testing.assert_allclose(s1, local.sample(5, seed=3), rtol=1e-6)
+        assert np.array(post(url, "/v1/models/moons/sample", {}).json()["samples"]).shape == (16, 2)
+
+        sc = post(url, "/v1/models/moons/score", {"x": x[:2], "percentile": 5}).json()
+        ref = local.score(x[:2], percentile=5)
+        np.testing.assert_allclose(sc["score"], ref["score"], rtol=1e-6)
+        assert sc["outlier"] == ref["outlier"].tolist() and sc["threshold"] == pytest.approx(ref["threshold"])
+        assert post(url, "/v1/models/moons/score", {"x": x}).json()["outlier"][2] is True
+
+    def test_concurrent_requests_for_two_models_are_batched_correctly(self, app):
+        url, store = app
+        models = {n: densiray.load_model(n, store=store) for n in ("moons", "moons-shifted")}
+        rng = np.random.default_rng(0)
+        # 1-20 rows: batched and sliced into calls of 8 rows; from 8 rows a request skips the queue
+        jobs = [("moons" if i % 2 else "moons-shifted", rng.normal(size=(1 + i % 20, 2)).tolist()) for i in range(48)]
+        with ThreadPoolExecutor(16) as pool:
+            out = list(pool.map(lambda j: post(url, f"/v1/models/{j[0]}/log_prob", {"x": j[1]}), jobs))
+        for (name, x), r in zip(jobs, out):
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["log_prob"], models[name].log_prob(x), rtol=1e-6)
+
+    @pytest.mark.parametrize("raw, words", [
+        (b'{"x": [[NaN, 0.25]]}', ["x[0][0]", "NaN"]),            # Python's json accepts these literals
+        (b'{"x": [[0.5, Infinity]]}', ["x[0][1]", "infinity"]),
+        (b'{"x": [[-Infinity, 0.5]]}', ["x[0][0]"]),
+        (b'{"x": [[1e999, 0.5]]}', ["x[0][0]", "finite"]),
+        (b'{"x": [["NaN", 0.25]]}', ["string 'NaN'", "not a number"]),
+        (b'{"x": [[0.5, "Infinity"]]}', ["string 'Infinity'"]),
+        (b'{"x": [["0.5", 0.25]]}', ["string '0.5'"]),
+        (b'{"x": [[null, 0.25]]}', ["x[0][0]", "not a number"]),
+        (b'{"x": [[true, 0.25]]}', ["x[0][0]", "not a number"]),
+        (b'{"x": [[0.5, 0.25], [1.0]]}', ["x[1] has 1 value", "rows of 2"]),
+        (b'{"x": [[0.5, 0.25, 1.0]]}', ["x[0] has 3 values", "rows of 2"]),
+        (b'{"x": []}', ["x is empty"]),
+        (b'{"x": [0.5, 0.25]}', ["x[0] must be a row"]),
+        (b'{"x": "rows"}', ["x must be a list of rows"]),
+        (b'{"rows": [[0.5, 0.25]]}', ["unknown field 'rows'"]),
+        (b'{"y": 1}', ["unknown field"]),
+        (b'{}', ["lacks 'x'"]),
+        (b'[[0.5, 0.25]]', ["must be a JSON object"]),
+        (b'{"x": [[0.5, 0.25]', ["not valid JSON"]),
+        (b'', ["no JSON body"]),
+    ])
+    def test_bad_log_prob_input_is_a_one_line_422(self, app, raw, words):
+        refused(post(app[0], "/v1/models/moons/log_prob", raw=raw), 422, *words)
+
+    def test_limits_and_bad_parameters(self, app):
+        url, _ = app
+        refused(post(url, "/v1/models/moons/log_prob", {"x": [ROW] * 501}), 422, "501 rows", "500 allowed")
+        refused(post(url, "/v1/models/moons/score", {"x": [ROW] * 501}), 422, "500 allowed")
+        # Bodies over max_body_bytes: by Content-Length, and streamed (chunked, no length)
+        big = json.dumps({"x": [ROW] * 10_000}).encode()
+        refused(post(url, "/v1/models/moons/log_prob", raw=big), 413, "more than the 65536")
+        chunks = (big[i:i + 8192] for i in range(0, len(big), 8192))
+        refused(post(url, "/v1/models/moons/log_prob", raw=chunks), 413, "65536")
+        for body, words in [({"n": 0}, ["between 1 and 300"]), ({"n": 301}, ["between 1 and 300"]),
+                            ({"n": -5}, ["n must be"]), ({"n": 2.5}, ["whole"]), ({"n": "3"}, ["whole"]),
+                            ({"n": True}, ["whole"]), ({"n": 2, "seed": -1}, ["seed", "at least 0"]),
+                            ({"n": 2, "seed": 2**40}, ["seed", "at most"]), ({"n": 2, "seed": 1.5}, ["seed"]),
+                            ({"n": 2, "seed": "a"}, ["seed"])]:
+            refused(post(url, "/v1/models/moons/sample", body), 422, *words)
+        for body, words in [({"x": [ROW], "percentile": 3}, ["percentile must be one of"]),
+                            ({"x": [ROW], "percentile": "1"}, ["percentile"]),
+                            ({"x": [ROW], "percentile": None}, ["percentile"])]:
+            refused(post(url, "/v1/models/moons/score", body), 422, *words)
+        for body, words in [({"texts": []}, ["texts is empty"]), ({"texts": ["a"] * 5}, ["5 entries", "4 allowed"]),
+                            ({"texts": ["a" * 51]}, ["texts[0] has 51 characters"]),
+                            ({"texts": ["a", 3]}, ["texts[1] must be a string"]), ({"texts": "a"}, ["texts"])]:
+            refused(post(url, "/v1/models/moons/classify", body), 422, *words)
+
+    def test_unknown_model_wrong_kind_and_wrong_route(self, app):
+        url, _ = app
+        refused(post(url, "/v1/models/nope/log_prob", {"x": [ROW]}), 404, "unknown model 'nope'", "moons")
+        refused(post(url, "/v1/models/bad name!/sample", {"n": 1}), 404, "invalid model name")
+        refused(post(url, "/v1/models/%2E%2E/sample", {"n": 1}), 404)
+        refused(post(url, "/v1/models/moons/classify", {"texts": ["great"]}), 400, "dnmm", "no classify",
+                "log_prob, sample, score")
+        refused(requests.get(url + "/v1/models/moons/log_prob", timeout=30), 405, "POST")
+        refused(requests.get(url + "/v2/nothing", timeout=30), 404, "no endpoint")
+
+    def test_corrupt_and_tampered_models_are_refused_while_others_serve(self, app):
+        url, _ = app
+        for _ in range(2):  # a failed load is not cached: asking again gives the same answer
+            refused(post(url, "/v1/models/tampered/log_prob", {"x": [ROW]}), 409, "tampered", "sha256")
+            refused(post(url, "/v1/models/edited/sample", {"n": 2}), 409, "edited", "does not match its manifest")
+            refused(post(url, "/v1/models/broken/score", {"x": [ROW]}), 409, "broken", "not valid JSON")
+            assert post(url, "/v1/models/moons/log_prob", {"x": [ROW]}).status_code == 200
+
+    def test_a_model_exported_again_is_served_afresh(self, app):
+        url, store = app
+        export_copy(store, "moons", "fresh")
+        before = post(url, "/v1/models/fresh/log_prob", {"x": [ROW]}).json()["log_prob"]
+        export_copy(store, "moons", "fresh", shift=0.5)  # the same name, new weights
+        time.sleep(0.5)  # model_refresh_s is 0.2 here
+        after = post(url, "/v1/models/fresh/log_prob", {"x": [ROW]}).json()["log_prob"]
+        np.testing.assert_allclose(after, densiray.load_model("fresh", store=store).log_prob([ROW]), rtol=1e-6)
+        assert after != before
+
+    def test_the_replica_stays_healthy_after_bad_requests(self, app):
+        from ray import serve
+
+        url, _ = app
+        before = serve.status().applications["densiray"].deployments["DensityService"]
+        bad = [b'{"x": [[NaN, 1]]}', b'{"x": [[1, 2, 3]]}', b"\xff\xfe", b'{"x": ' + b"[" * 5000,
+               b'{"x": [[1e308, -1e308]]}', json.dumps({"x": [[0.5, 0.25]] * 10_000}).encode()]
+        for raw in bad:
+            r = post(url, "/v1/models/moons/log_prob", raw=raw)
+            assert 400 <= r.status_code < 500 or r.status_code == 200, (r.status_code, r.text)
+            assert set(r.json()) in ({"error"}, {"log_prob"})
+        r = post(url, "/v1/models/moons/log_prob", {"x": [ROW]})
+        assert r.status_code == 200 and len(r.json()["log_prob"]) == 1
+        after = serve.status().applications["densiray"].deployments["DensityService"]
+        assert after.status == "HEALTHY" and after.replica_states == before.replica_states
+
+
+def test_log_prob_batch_groups_by_model_slices_rows_and_isolates_failures():
+    """The batch function itself: mixed models, calls of at most max_rows rows, a bad item fails alone."""
+    from densiray.serve.backends import log_prob_batch
+
+    class Counting:
+        def __init__(self, shift):
+            self.shift, self.calls = shift, []
+
+        def log_prob(self, x):
+            self.calls.append(len(x))
+            x = np.asarray(x)
+            if x.shape[1] != 2:
+                raise ValueError("bad width")
+            return x.sum(axis=1) + self.shift
+
+    a, b = Counting(0.0), Counting(100.0)
+    items = [(a, np.ones((2, 2))), (b, np.ones((1, 2))), (a, np.zeros((3, 2)))]
+    out = log_prob_batch(items, max_rows=1000)
+    assert [o.tolist() for o in out] == [[2.0, 2.0], [102.0], [0.0, 0.0, 0.0]]
+    assert a.calls == [5] and b.calls == [1]
+    a.calls = []
+    out = log_prob_batch([(a, np.ones((3, 2))), (a, np.ones((4, 2)))], max_rows=3)
+    assert [o.tolist() for o in out] == [[2.0] * 3, [2.0] * 4] and a.calls == [3, 3, 1]
+    out = log_prob_batch([(a, np.ones((1, 2))), (a, np.ones((1, 3)))], max_rows=1000)
+    assert out[0].tolist() == [2.0] and isinstance(out[1], ValueError)
+
+
+def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c(ray_cluster, tmp_path):
+    from ray import serve
+
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.Popen([sys.executable, "-m", "densiray.cli", "serve", "--store", str(tmp_path / "empty"),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "press Ctrl-C" in line:
+                break
+        out = "".join(lines)
+        assert f"at http://127.0.0.1:{port}" in out and "curl -s -X POST" in out, out[-3000:]
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json() == {"status": "ok"}
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json() == {"models": []}
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out + rest)[-3000:]
+    assert "densiray: stopped" in rest
+    assert "densiray" not in serve.status().applications
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_settings_and_config_file_are_validated():
+    import yaml
+
+    from densiray.errors import ConfigError
+    from densiray.serve import ServeSettings
+    from densiray.serve.deployment import build_app
+
+    config = yaml.safe_load(Path(__file__).parents[1].joinpath("serve", "config.yaml").read_text())
+    (app_cfg,) = config["applications"]
+    assert config["http_options"]["host"] == "127.0.0.1"
+    assert app_cfg["import_path"] == "densiray.serve.deployment:build_app"
+    ServeSettings.parse(app_cfg["args"])
+    build_app(app_cfg["args"])
+    with pytest.raises(ConfigError, match="serve.max_rows"):
+        ServeSettings.parse({"max_rows": 0})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        build_app({"batch_size": 4})
