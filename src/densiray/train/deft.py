@@ -26,14 +26,15 @@ from densiray.models.deft import (
     load_hf_config,
     load_tokenizer,
     resolve_model,
+    batches_of,
     tokenize,
     trim,
-    batches_of,
 )
 from densiray.store import Store, StoredModel
 from densiray.train.task import Task, register
 
 EVAL_BATCH = 64
+DENSITY_TAUS = (0.0, 1e-3, 1e-2)  # also reported at these thresholds, for comparisons across models
 
 
 @register
@@ -54,8 +55,10 @@ class DEFTTask(Task):
         limit = getattr(hf_config, "max_position_embeddings", None)
         extra = config.num_virtual_tokens if config.peft in ("prefix", "prompt") else 0
         if arch == "encoder" and limit and config.max_length + extra > limit:
-            raise ConfigError(f"max_length {config.max_length} + {extra} virtual tokens exceeds the model's "
-                              f"{limit} positions; lower max_length or num_virtual_tokens")
+            if "max_length" in config.model_fields_set or limit - extra < 8:
+                raise ConfigError(f"max_length {config.max_length} + {extra} virtual tokens exceeds the model's "
+                                  f"{limit} positions; lower max_length or num_virtual_tokens")
+            config = config.model_copy(update={"max_length": limit - extra})  # the default, capped to the model
         data = load_text_dataset(dataset, seed=data_seed, n=n)
         labels = config.labels or data.labels
         seen = set(data.train_label) | set(data.val_label) | set(data.test_label)
@@ -165,13 +168,18 @@ class DEFTTask(Task):
         """Held-out accuracy and per-layer activation density (test set), computed once per model."""
         if self._final is not None and self._final[0] == id(model):
             return self._final[1]
-        test = evaluate_texts(model, batches_of(self.test_data, EVAL_BATCH))
-        val = evaluate_texts(model, batches_of(self.val_data, EVAL_BATCH))
+        model.extra_taus = DENSITY_TAUS
+        try:
+            test = evaluate_texts(model, batches_of(self.test_data, EVAL_BATCH))
+            val = evaluate_texts(model, batches_of(self.val_data, EVAL_BATCH))
+        finally:
+            model.extra_taus = ()
         counts = torch.bincount(self.test_data["labels"], minlength=len(self.labels))
         out = {"test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
                "majority_accuracy": float(counts.max() / counts.sum()),
                "density": test["density"], "density_per_layer": test["density_per_layer"],
                "nonzero": test["nonzero"], "nonzero_per_layer": test["nonzero_per_layer"],
+               "density_at": {t: v["mean"] for t, v in test["density_at"].items()},
                "val_density": val["density"], "tau": self.config.tau, "eps": self.config.eps,
                "density_weight": self.config.density_weight, "peft": self.config.peft, "relu": self.config.relu,
                "density_rows": "test set, non-padding tokens (prompt-tuning virtual tokens included)",
