@@ -284,3 +284,45 @@ def test_deft_flags_are_refused_for_other_families(capsys, tmp_path):
     assert main(["train", "deft", "--dataset", "finefood", "--peft", "lora", "--model", "/no/such/dir",
                  "--store", str(tmp_path)]) == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_checkpoint_without_frozen_weights_resumes_the_trainable_state(tiny, tmp_path, zero):
+    """What a resumed run does (engine.py): checkpoints leave the frozen base out, and loading one into a
+    freshly built model restores the PEFT weights and the optimizer state."""
+    import deepspeed
+
+    from densiray.train.engine import _full_state_dict, _init_distributed, deepspeed_config
+
+    _init_distributed(on_gpu=False)
+    task = _task(tiny, "bert", "lora")
+    tc = TrainConfig(workers=0, zero_stage=zero, batch_size=8)
+
+    def engine():
+        torch.manual_seed(0)
+        model = task.build_model()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        return deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(tc, task, 1, False))[0]
+
+    first = engine()
+    for batch in task.batches(0, 0, 1, 8):
+        loss, _ = task.loss(first, batch)
+        first.backward(loss)
+        first.step()
+    first.save_checkpoint(str(tmp_path), tag="state", exclude_frozen_parameters=True)
+    saved = _full_state_dict(first, zero, trainable_only=True)
+    files = {p.name: p.stat().st_size for p in (tmp_path / "state").iterdir()}
+    assert sum(files.values()) < 2_000_000, files  # the 4 MB frozen base is not in it
+
+    second = engine()
+    second.load_checkpoint(str(tmp_path), tag="state", load_module_strict=False)
+    restored = _full_state_dict(second, zero, trainable_only=True)
+    assert set(restored) == set(saved) and all(torch.equal(restored[k], saved[k]) for k in saved)
+    batch = next(iter(task.batches(1, 0, 1, 8)))
+    for eng in (first, second):  # the same next step: optimizer moments came back too
+        torch.manual_seed(1)  # the same dropout masks
+        loss, _ = task.loss(eng, batch)
+        eng.backward(loss)
+        eng.step()
+    a, b = _full_state_dict(first, zero, True), _full_state_dict(second, zero, True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
