@@ -79,9 +79,9 @@ def classifier_report(metrics: dict, history: list[dict], title: str) -> bytes:
     axes[0].set_xticks(x)
     axes[0].set_xlabel("hooked MLP layer")
     axes[0].set_ylabel("fraction of activations")
-    axes[0].set_ylim(0, 1.05)
+    axes[0].set_ylim(0, 1.25)
     axes[0].set_title(f"activation density (test): mean {metrics['density']:.3f} at τ, {metrics['nonzero']:.3f} non-zero")
-    axes[0].legend()
+    axes[0].legend(loc="upper center", ncol=2)
     epochs = [h["epoch"] for h in history if "val_accuracy" in h]
     ax = axes[1]
     ax.plot(epochs, [h["val_accuracy"] for h in history if "val_accuracy" in h], "o-", label="val accuracy")
