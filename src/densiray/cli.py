@@ -10,7 +10,10 @@ import sys
 from densiray import __version__
 from densiray.errors import DensirayError
 
-FAMILIES = ["dnmm"]  # families whose Task is implemented (see densiray.train.TASKS)
+FAMILIES = ["dnmm", "deft"]  # families whose Task is implemented (see densiray.train.TASKS)
+# `train` flags that set the DEFT model config (overrides["model"]), and their config keys
+DEFT_FLAGS = {"model": "model", "peft": "peft", "density_weight": "density_weight", "relu": "relu",
+              "max_length": "max_length", "tau": "tau", "eps": "eps"}
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -21,10 +24,19 @@ def print_summary(s: dict) -> None:
     """A short human summary of a finished training run."""
     m = s["metrics"]
     print()
-    print(f"model      {s['name']}  ({s['kind']} on {s['dataset']}, d={s['d']})")
+    shape = f", d={s['d']}" if s.get("d") is not None else ""
+    print(f"model      {s['name']}  ({s['kind']} on {s['dataset']}{shape})")
     print(f"stored at  {s['path']}")
     print(f"training   {s['epochs_run']} epochs in {s['train_time_s']:.1f} s, best epoch {s['best_epoch']}"
           + ("  (resumed)" if s.get("resumed") else ""))
+    if "test_accuracy" in m:  # a classifier (DEFT)
+        print(f"held-out   test accuracy {_fmt(m['test_accuracy'])} (validation {_fmt(m.get('val_accuracy'))}; "
+              f"majority class {_fmt(m.get('majority_accuracy'))})")
+        print(f"density    {_fmt(m.get('density'))} of MLP activations with |a| > {m.get('tau')} "
+              f"({_fmt(m.get('nonzero'))} non-zero), per layer "
+              + " ".join(f"{v:.2f}" for v in m.get("density_per_layer", [])))
+        print(f"peft       {m.get('peft')}, density weight {m.get('density_weight')}, "
+              f"{m.get('trainable_params')} trainable of {m.get('total_params')} parameters")
     if "test_log_lik" in m:
         print(f"held-out   test log-likelihood {_fmt(m['test_log_lik'])} ± {_fmt(m.get('test_log_lik_se'))} nats/sample"
               f" (validation {_fmt(m.get('val_log_lik'))}; standardised units)")
@@ -37,8 +49,15 @@ def print_summary(s: dict) -> None:
 def _train(args) -> int:
     import densiray.api as api
 
-    overrides = {"model": {}, "train": {"workers": args.workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
-                                        "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
+    from densiray.errors import ConfigError
+
+    given = [f for f in DEFT_FLAGS if getattr(args, f) is not None and getattr(args, f) is not False]
+    model = {DEFT_FLAGS[f]: getattr(args, f) for f in given}
+    if model and args.family != "deft":
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ConfigError(f"{flags} apply to 'densiray train deft' only; set {args.family}'s model options in --config")
+    overrides = {"model": model, "train": {"workers": args.workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
+                                           "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
     # With --json, stdout carries the JSON alone: progress and worker logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = api.train(args.family, args.dataset, config=args.config, overrides=overrides, name=args.name,
@@ -113,6 +132,10 @@ def _models(args) -> int:
             print(f"{r['name']:24} {'?':10} {'':>4} {'':>13} {'':>8}  unreadable: {r['error']}")
             continue
         m = r.get("metrics") or {}
+        if "test_accuracy" in m:  # a classifier: accuracy and activation density instead
+            print(f"{r['name']:24} {r['kind']:10} {'':>4} {'acc ' + _fmt(m.get('test_accuracy'), 3):>13} "
+                  f"{'dens ' + _fmt(m.get('density'), 2):>8}  {str(r.get('created', ''))[:19]}")
+            continue
         print(f"{r['name']:24} {r['kind']:10} {_fmt(r.get('d')):>4} {_fmt(m.get('test_log_lik')):>13} "
               f"{_fmt(m.get('integral'), 3):>8}  {str(r.get('created', ''))[:19]}")
     return 0
@@ -185,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model and export its best epoch to the store")
     t.add_argument("family", choices=FAMILIES)
-    t.add_argument("--dataset", help="a bundled dataset name or a .csv/.tsv/.parquet/.npy path")
+    t.add_argument("--dataset", help="a bundled dataset name or a .csv/.tsv/.parquet/.npy path "
+                                     "(deft: finefood or a .csv/.tsv/.jsonl file with columns text,label)")
     t.add_argument("--config", help="YAML file with sections dataset/model/train")
     t.add_argument("--workers", type=int, help="Ray Train workers (0: in-process, for debugging)")
     t.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3")
@@ -197,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--store", help="model store directory or URI (default $DENSIRAY_STORE or ./models)")
     t.add_argument("--restart", action="store_true", help="discard an unfinished run of the same name")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d = t.add_argument_group("deft", "DEFT options (model section of the config)")
+    d.add_argument("--model", help="base transformer: minilm (bundled), a Hugging Face name or a local folder")
+    d.add_argument("--peft", choices=["lora", "adapter", "prefix", "prompt"], help="PEFT method")
+    d.add_argument("--density-weight", type=float, help="weight of the activation-density loss (0: plain PEFT)")
+    d.add_argument("--relu", action="store_true", help="swap the MLP activation to ReLU before fine-tuning")
+    d.add_argument("--max-length", type=int, help="tokens per text (longer texts are truncated)")
+    d.add_argument("--tau", type=float, help="reported density counts |a| > tau")
+    d.add_argument("--eps", type=float, help="epsilon of the density loss a^2/(a^2+eps)")
     t.set_defaults(func=_train)
 
     u = sub.add_parser("tune", help="select architecture and hyperparameters with a Ray Tune sweep; export the winner")

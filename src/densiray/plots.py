@@ -89,3 +89,41 @@ def trial_curves(curves: dict[str, list[float]], winner: str, metric: str, title
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+def classifier_report(metrics: dict, history: list[dict], title: str) -> bytes:
+    """A PNG for a DEFT text classifier: per-layer activation density (|a| > τ and exact non-zero, test
+    set) and the learning curve (validation accuracy and density per epoch)."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    dens, nz = metrics["density_per_layer"], metrics["nonzero_per_layer"]
+    x = np.arange(len(dens))
+    axes[0].bar(x - 0.2, dens, width=0.4, label=f"|a| > τ = {metrics['tau']:g}")
+    axes[0].bar(x + 0.2, nz, width=0.4, label="a ≠ 0", alpha=0.6)
+    axes[0].set_xticks(x)
+    axes[0].set_xlabel("hooked MLP layer")
+    axes[0].set_ylabel("fraction of activations")
+    axes[0].set_ylim(0, 1.25)
+    axes[0].set_title(f"activation density (test): mean {metrics['density']:.3f} at τ, {metrics['nonzero']:.3f} non-zero")
+    axes[0].legend(loc="upper center", ncol=2)
+    epochs = [h["epoch"] for h in history if "val_accuracy" in h]
+    ax = axes[1]
+    ax.plot(epochs, [h["val_accuracy"] for h in history if "val_accuracy" in h], "o-", label="val accuracy")
+    if history and "train_accuracy" in history[0]:
+        ax.plot(epochs, [h.get("train_accuracy", np.nan) for h in history if "val_accuracy" in h], "s--",
+                label="train accuracy", alpha=0.6)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h.get("val_density", np.nan) for h in history if "val_accuracy" in h], "^-", color="C3",
+             label="val density (τ)")
+    ax2.set_ylabel("activation density")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="best")
+    ax.set_title(f"learning curve (test accuracy {metrics['test_accuracy']:.3f}, majority {metrics['majority_accuracy']:.3f})")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

@@ -426,6 +426,9 @@ class Store:
 def load_model(path_or_name: str, store: str | None = None):
     """A ready model (e.g. :class:`~densiray.models.density.DensityModel`) from ``store`` or a folder.
 
+    Kind ``deft`` returns a :class:`~densiray.models.deft.TextClassifier` (``predict(texts)``), rebuilt
+    from its base model (by name or path) and the stored trainable weights.
+
     The folder's hashes are verified and the weights read with safetensors (never unpickled); the
     module is rebuilt from the manifest's kind and config and loaded strictly.
     """
@@ -436,6 +439,13 @@ def load_model(path_or_name: str, store: str | None = None):
     stored = Store(store).read(path_or_name)
     manifest = stored.manifest
     kind = manifest.get("kind")
+    if kind == "deft":  # a text classifier: PEFT weights over a base transformer
+        from densiray.models.deft import ExportMismatch, from_export
+
+        try:
+            return from_export(manifest, stored.tensors, stored.name)
+        except ExportMismatch as e:
+            raise StoreError(str(e)) from e
     if kind not in MODELS:
         raise StoreError(f"model {stored.name!r} has kind {kind!r}, which this densiray cannot load "
                          f"(known: {', '.join(sorted(MODELS))}); upgrade densiray")

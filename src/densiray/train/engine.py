@@ -90,16 +90,22 @@ def deepspeed_config(tc: TrainConfig, task: Task, world: int, on_gpu: bool) -> d
     }
 
 
-def _full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The complete fp32 state dict on CPU (gathering ZeRO-3 partitions; collective on every rank)."""
+def _full_state_dict(engine, zero_stage: int, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The complete fp32 state dict on CPU (gathering ZeRO-3 partitions; collective on every rank).
+
+    ``trainable_only`` keeps just the parameters that train (PEFT: adapters and head, not the frozen base).
+    """
     import contextlib
 
     import deepspeed
 
     module = engine.module
-    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
+    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
     with gather:
+        if trainable_only:
+            return {k: v.detach().float().cpu().clone() for k, v in module.named_parameters() if v.requires_grad}
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
                 for k, v in module.state_dict().items()}
 
@@ -173,9 +179,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(tc.seed)
     model = task.build_model()
-    # frozen parameters (a fitted warp, a PEFT model's base weights) stay out of the optimizer
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                  weight_decay=tc.weight_decay)
+    # Only trainable parameters go to the optimizer (PEFT's base model, a DNMM's fitted warp are frozen);
+    # frozen ones are also left out of checkpoints, since every worker rebuilds them from the same source.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = len(trainable) < len(list(model.parameters()))
+    trainable_only = frozen and getattr(task, "trainable_only", False)
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(tc, task, world, on_gpu))
 
@@ -189,7 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(os.path.join(d, DS_DIR), load_module_strict=True)
+            engine.load_checkpoint(os.path.join(d, DS_DIR), load_module_strict=not frozen)
             state = LoopState(**json.loads(Path(d, STATE_FILE).read_text()))
             if Path(d, BEST_FILE).exists():
                 best_weights = load_file(os.path.join(d, BEST_FILE))
@@ -200,7 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
             state.initial = task.evaluate(engine)[task.metric]
         if math.isfinite(state.initial):
             state.best, state.best_epoch = state.initial, -1
-            best_weights = _full_state_dict(engine, tc.zero_stage)
+            best_weights = _full_state_dict(engine, tc.zero_stage, trainable_only)
 
     micro = max(1, tc.batch_size // world)
     bar = _progress(tc.epochs, state.epoch, local) if rank == 0 and config.get("progress", True) else None
@@ -225,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
                                              or better(score, state.best, task.mode))
         if improved:
             state.best, state.best_epoch, state.bad_epochs = score, epoch, 0
-            best_weights = _full_state_dict(engine, tc.zero_stage)
+            best_weights = _full_state_dict(engine, tc.zero_stage, trainable_only)
         else:
             state.bad_epochs += 1
         state.epoch = epoch + 1
@@ -240,7 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
             bar.update(1)
         if state.done or state.epoch % tc.checkpoint_every == 0:
             _report_with_checkpoint(engine, state, best_weights, metrics, rank, local, config.get("local_dir"),
-                                    in_tune)
+                                    in_tune, exclude_frozen=frozen)
         elif in_tune:
             ray.tune.report(metrics)
         else:
@@ -271,16 +280,16 @@ def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
 
 
 def _report_with_checkpoint(engine, state: LoopState, best_weights, metrics: dict, rank: int, local: bool,
-                            local_dir: str | None, in_tune: bool = False) -> None:
-    """Save DeepSpeed state (all ranks), best weights and loop state (rank 0); report to Ray Train
-    (and to Ray Tune, which persists the checkpoint, when this is an in-process Tune trial)."""
+                            local_dir: str | None, in_tune: bool = False, exclude_frozen: bool = False) -> None:
+    """Save DeepSpeed state (all ranks; frozen parameters left out), best weights and loop state (rank 0);
+    report to Ray Train (or to Ray Tune, which persists the checkpoint, in an in-process Tune trial)."""
     import ray.train
 
     parent = local_dir if local else None
     if parent:
         os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="densiray-ckpt-", dir=parent)
-    engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag="state")
+    engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag="state", exclude_frozen_parameters=exclude_frozen)
     if rank == 0:
         if best_weights is not None:
             save_file(best_weights, os.path.join(tmp, BEST_FILE))

@@ -26,6 +26,9 @@ class Task(ABC):
     mode: ClassVar[str] = "max"
     #: "fp32" for models whose numerics need it (densities), else "auto" (bf16 on GPU)
     precision: ClassVar[str] = "auto"
+    #: True where the model freezes most weights (PEFT): the best weights handed to ``trained_model``
+    #: then hold only the trainable parameters, and checkpoints leave the frozen ones out
+    trainable_only: ClassVar[bool] = False
 
     @abstractmethod
     def build_model(self) -> nn.Module:
