@@ -178,19 +178,11 @@ def _serve(args) -> int:
 
 
 def _quickstart(args) -> int:
-    """Train a DNMM on the moons data with 2 DeepSpeed ZeRO-2 workers, export it, summarise it."""
-    import densiray.api as api
+    """Tune a DNMM, export the winner, serve it on Ray Serve, query it over HTTP, report, clean up."""
+    from densiray.quickstart import run
 
-    print("densiray quickstart: training a Deep Neural Mixture Model on 'moons' "
-          "(Ray Train, 2 DeepSpeed ZeRO-2 workers, local Ray)")
-    summary = api.train("dnmm", "moons", overrides={"train": {"workers": 2, "zero_stage": 2, "epochs": args.epochs}},
-                        name="quickstart-moons", store=args.store, restart=True)
-    print_summary(summary)
-    from densiray import load_model
-
-    model = load_model(summary["name"], store=args.store)
-    print(f"loaded     {model!r}: log p([1, 0]) = {model.log_prob([[1.0, 0.0]])[0]:.3f} nats; "
-          f"5 samples: {model.sample(5, seed=0).round(2).tolist()}")
+    run(dataset=args.dataset, store=args.store, trials=args.trials, epochs=args.epochs,
+        time_budget_s=args.time_budget_s, n=args.n, host=args.host, port=args.port, keep_serving=args.keep_serving)
     return 0
 
 
@@ -275,9 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-batching", action="store_true", help="compute each log_prob request on its own")
     s.set_defaults(func=_serve)
 
-    q = sub.add_parser("quickstart", help="train, export and load a DNMM on the moons data, end to end")
+    q = sub.add_parser("quickstart", help="tune a DNMM, serve the winner on Ray Serve, query it; all on a local Ray")
+    q.add_argument("--dataset", default="moons", help="a bundled dataset (default moons)")
     q.add_argument("--store")
-    q.add_argument("--epochs", type=int, default=60)
+    q.add_argument("--trials", type=int, default=8)
+    q.add_argument("--epochs", type=int, default=40, help="most epochs per trial")
+    q.add_argument("--time-budget-s", type=float, default=180)
+    q.add_argument("--n", type=int, help="rows of a synthetic dataset (default 4000)")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
     q.set_defaults(func=_quickstart)
     return p
 

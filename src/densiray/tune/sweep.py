@@ -253,7 +253,9 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
             best = (score, r, tid)
     if best is None:
         errors = [row["error"] for row in rows if row["error"]]
-        raise DensirayError(f"no trial of sweep {name!r} finished with a finite {task.metric}"
+        budget = (f" within the time budget of {st.time_budget_s:g} s; raise --time-budget-s"
+                  if st.time_budget_s and sweep_time >= 0.95 * st.time_budget_s else "")
+        raise DensirayError(f"no trial of sweep {name!r} reached a finite {task.metric}{budget}"
                             + (f"; first error: {errors[0]}" if errors else ""))
     score, result, trial_id = best
     print(f"densiray: best trial {trial_id}: {metric} = {score:.4f} of {len(rows)} trials")
