@@ -131,6 +131,7 @@ def run_load(url: str, method: str = "POST", body: str | None = None, total: int
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["loadavg_1min"] = round(os.getloadavg()[0], 1)  # how busy the shared machine was meanwhile
     n = max(result["completed"] + warmup, 1)
     per_request = {r: 1e3 * (after[r] - before.get(r, 0.0)) / n for r in after}
     result["cpu_ms_per_request"] = {r: round(v, 2) for r, v in per_request.items() if v >= 0.01}
@@ -228,7 +229,7 @@ BATCHING, NO_BATCHING = {"batching": True}, {"batching": False}
 # name -> (Serve settings, or None for the plain app; address the replica directly)
 MAIN = {"serve, batching": (BATCHING, False), "serve, no batching": (NO_BATCHING, False),
         "plain uvicorn": (None, False)}
-METRICS = ("rps", "rows_per_s", "p50_ms", "p99_ms", "non_2xx", "5xx", "errors")
+METRICS = ("rps", "rows_per_s", "p50_ms", "p99_ms", "non_2xx", "5xx", "errors", "loadavg_1min")
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -345,11 +346,12 @@ def _cpu(r: dict) -> str:
 
 def _table(rows: dict, rows_col: bool = True) -> list[str]:
     head = "| configuration | req/s |" + (" rows/s |" if rows_col else "") + \
-        " p50 (ms) | p99 (ms) | non-2xx | 5xx | CPU ms per request |"
+        " p50 (ms) | p99 (ms) | non-2xx | 5xx | CPU ms per request | load avg |"
     out = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in rows.items():
         out.append(f"| {name} | {r['rps']:.0f} |" + (f" {r['rows_per_s']:.0f} |" if rows_col else "") +
-                   f" {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_2xx']:.0f} | {r['5xx']:.0f} | {_cpu(r)} |")
+                   f" {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_2xx']:.0f} | {r['5xx']:.0f} | {_cpu(r)} "
+                   f"| {r.get('loadavg_1min', float('nan')):.1f} |")
     return out
 
 
@@ -357,16 +359,19 @@ def verdict(result: dict) -> list[str]:
     main = result["main"]
     best = max(("serve, batching", "serve, no batching"), key=lambda k: main[k]["rps"])
     s, p = main[best], main["plain uvicorn"]
-    five = sum(r["5xx"] for part in ("main", "sweep", "direct") for r in result.get(part, {}).values())
+    every = [run for part in ("main", "healthz", "sweep", "direct") for r in result.get(part, {}).values()
+             for run in r["runs"]]
+    five, bad = sum(run["5xx"] for run in every), sum(run["non_2xx"] + run["errors"] for run in every)
     lines = [f"**Goal (Serve ≥ plain throughput at no worse p99, zero 5xx):** "
              f"{'met' if s['rps'] >= p['rps'] and s['p99_ms'] <= p['p99_ms'] else 'not met'} at {result['meta']['rows']} "
              f"rows per request. The better Serve configuration ({best}) reaches {s['rps'] / p['rps']:.0%} of the plain "
-             f"app's requests/s, p99 {s['p99_ms']:.0f} ms against {p['p99_ms']:.0f} ms; {five:.0f} responses were 5xx "
-             "in the whole run.", ""]
+             f"app's requests/s, p99 {s['p99_ms']:.0f} ms against {p['p99_ms']:.0f} ms. In the whole run ({len(every)} "
+             f"loads) {five} responses were 5xx and {bad} were not 2xx or failed.", ""]
     h = result["healthz"]
+    plain_cpu = h["plain uvicorn"].get("cpu_ms_per_request", {}).get("plain app", float("nan"))
     lines.append(f"* Where the time goes: on `GET /healthz` Serve answers {h['serve']['rps']:.0f} req/s against the "
                  f"plain app's {h['plain uvicorn']['rps']:.0f}; its request path costs {_cpu(h['serve'])} CPU ms per "
-                 f"request before any model work, against {_cpu(h['plain uvicorn'])} for the whole plain app.")
+                 f"request before any model work, against {plain_cpu:.2f} ms for the whole plain app.")
     sweep = result.get("sweep", {})
     big = [k for k in sweep if k.startswith("plain uvicorn, ") and "1024" in k]
     if big:
@@ -390,14 +395,15 @@ def write_report(out: Path, result: dict) -> None:
     m = result["meta"]
     lines = [
         "# Model server load benchmark", "",
-        f"{m['machine']}; Ray {m['ray']}; load average {m['loadavg_start']} when the run started (the machine is "
-        f"shared, so absolute numbers move with the other work on it; {m['loadavg_end']} when it ended). {m['clients']} concurrent keep-alive clients "
-        f"(aiohttp, one process, on the same cores) over loopback; {m['requests']} `log_prob` requests of {m['rows']} "
-        f"rows per configuration and repeat ({m['requests']} per tuning run); medians of {m['repeats']} interleaved repeats (tuning runs: "
+        f"{m['machine']}; Ray {m['ray']}; load average {m['loadavg_start']} when the run started and "
+        f"{m['loadavg_end']} when it ended (the machine is shared, so absolute numbers move with the other work on "
+        f"it). {m['clients']} concurrent keep-alive clients (aiohttp, one process, on the same cores) over loopback; {m['requests']} `log_prob` requests of {m['rows']} "
+        f"rows per configuration and repeat; medians of {m['repeats']} interleaved repeats (tuning runs: "
         f"{max(1, m['repeats'] - 1)}). Model: {m['model']}. "
         f"Serve: defaults of `densiray serve` ({m['serve_defaults']}). The plain app is the same FastAPI app and "
         f"validation in one uvicorn process without Ray, run at Ray's worker niceness ({m['niceness']}). CPU ms per "
-        f"request: CPU time of each process during the load divided by the requests (from /proc).", "",
+        f"request: CPU time of each process during the load divided by the requests (from /proc). Load avg: the "
+        f"machine's 1-minute load average at the end of each load (median), to read the rows against.", "",
         f"Regenerate: `{m['command']}` (about {m['minutes']:.0f} minutes).", "",
         "## log_prob", "", *_table(result["main"]), "",
         "## GET /healthz (no model, no body: the HTTP path alone)", "", *_table(result["healthz"], rows_col=False), "",

@@ -4,9 +4,9 @@ The endpoints (:mod:`densiray.serve.endpoints`) talk to a *backend*: ``await bac
 returns a loaded model (or raises a RequestError: 404 unknown, 409 unreadable), and
 ``await backend.log_prob(model, x)`` computes log-densities. Loaded models are cached under
 ``name@version`` (:class:`Versions`), so a model exported again under the same name is picked up
-within ``model_refresh_s``. Two backends exist: the Ray Serve
-deployment (:mod:`densiray.serve.deployment`: ``serve.multiplexed`` models, ``serve.batch``ed
-log_prob) and :class:`LocalBackend` here, for the plain single-process app the benchmark compares with.
+within ``model_refresh_s``. Two backends exist: the Ray Serve deployment
+(:mod:`densiray.serve.deployment`: ``serve.multiplexed`` models, ``serve.batch``ed log_prob) and
+:class:`LocalBackend` here, for the plain single-process app the benchmark compares with.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ class Versions:
         self.store, self.refresh_s = store, refresh_s
         self._seen: dict[str, tuple[str, float]] = {}
 
-    def key(self, name: str) -> str | None:
+    async def key(self, name: str) -> str | None:
         """``name@version`` to cache the model under, or None when the store has no such model."""
         now = time.monotonic()
         seen = self._seen.get(name)
         if seen is None or now - seen[1] > self.refresh_s:
-            version = self.store.version(name)
+            version = await asyncio.to_thread(self.store.version, name)  # a stat; remote on s3:// or gs://
             if version is None:  # unknown: not remembered, so a model exported later is found at once
                 self._seen.pop(name, None)
                 return None
@@ -116,7 +116,7 @@ class LocalBackend:
         self._models: OrderedDict[str, Any] = OrderedDict()
 
     async def model(self, name: str) -> Any:
-        key = self.versions.key(name)
+        key = await self.versions.key(name)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]

@@ -59,7 +59,7 @@ class DensityService:
         return make_api(self)
 
     async def model(self, name: str) -> Any:
-        key = self.versions.key(name)
+        key = await self.versions.key(name)
         if key is None:  # not in the store: answer the 404 without a failed load in the model cache
             return await asyncio.to_thread(load, name, self.store)
         return await self._load(key)
