@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -326,3 +327,35 @@ def test_deepspeed_checkpoint_without_frozen_weights_resumes_the_trainable_state
         eng.step()
     a, b = _full_state_dict(first, zero, True), _full_state_dict(second, zero, True)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_export_load_and_serve_classify_round_trip(ray_cluster, exported):
+    """The exported DEFT model answers Serve's classify endpoint exactly as load_model().predict does."""
+    import socket
+
+    import requests
+
+    import densiray.serve as ds
+
+    store, _, _ = exported
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = ds.start(store=store, port=port)
+    try:
+        texts = ["great taste, love it", "awful flavor, do not buy"]
+        r = requests.post(f"{url}/v1/models/t5lora/classify", json={"texts": texts}, timeout=120)
+        assert r.status_code == 200, r.text
+        body, local = r.json(), densiray.load_model("t5lora", store=store).predict(texts)
+        assert body["labels"] == list(local["labels"])
+        np.testing.assert_allclose(body["probs"], local["probs"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(body["activation_density"], local["activation_density"], rtol=1e-5, atol=1e-6)
+        assert all(0 <= d <= 1 for d in body["activation_density"])
+        assert all(abs(sum(p) - 1) < 1e-5 for p in body["probs"])
+        empty = requests.post(f"{url}/v1/models/t5lora/classify", json={"texts": []}, timeout=60)
+        assert 400 <= empty.status_code < 500 and set(empty.json()) == {"error"}
+        wrong = requests.post(f"{url}/v1/models/t5lora/log_prob", json={"x": [[0.0]]}, timeout=60)
+        assert 400 <= wrong.status_code < 500 and "classif" in wrong.json()["error"]
+        assert requests.post(f"{url}/v1/models/t5lora/classify", json={"texts": ["fine"]}, timeout=60).ok
+    finally:
+        ds.shutdown()

@@ -132,8 +132,8 @@ def markdown(results: dict) -> str:
              f"{results['units']}. Machine: {results['machine']}. Regenerate: `{results['command']}`.\n",
              f"DNMM tuning budget: {results['budget']}.\n",
              "| dataset | d | " + " | ".join(c.upper() if c != "dnmm" else "DNMM (tuned)" for c in cols)
-             + " | DNMM − best baseline (paired) | DNMM fit time |",
-             "|---|---|" + "---|" * len(cols) + "---|---|"]
+             + " | DNMM − best baseline (paired) | DNMM trials run | DNMM fit time |",
+             "|---|---|" + "---|" * len(cols) + "---|---|---|"]
     for name, row in results["datasets"].items():
         est = row["estimators"]
         scores = {c: est[c]["test_log_lik"] for c in cols if c in est}
@@ -148,7 +148,8 @@ def markdown(results: dict) -> str:
         vs = row.get("vs_best_baseline")
         vs_cell = f"{vs['diff']:+.3f} ± {vs['diff_se']:.3f} vs {vs['baseline'].upper()}" if vs else "–"
         fit = f"{est['dnmm']['fit_time_s']:.0f} s" if "dnmm" in est else "–"
-        lines.append(f"| {name} | {row['d']} | " + " | ".join(cells) + f" | {vs_cell} | {fit} |")
+        ran = str(est["dnmm"].get("trials", "–")) if "dnmm" in est else "–"
+        lines.append(f"| {name} | {row['d']} | " + " | ".join(cells) + f" | {vs_cell} | {ran} | {fit} |")
     lines.append("\nReference (DESIGN.md, same protocol): " + "; ".join(
         f"{n} " + "/".join(f"{v:.3f}" for v in r.values()) for n, r in
         ((n, row.get("reference")) for n, row in results["datasets"].items()) if r) + " (KDE/GMM/MAF/NSF).")
