@@ -122,8 +122,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
 
     # only this job's live workers (the CLI tests' drivers are other jobs on the same cluster)
     job = ray.get_runtime_context().get_job_id()
-    workers = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-                                                   ("job_id", "=", job)])]
+    # this cluster's state API, not whichever Ray on the machine started last
+    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    workers = [a.pid for a in list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                      ("state", "=", "ALIVE"), ("job_id", "=", job)])]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0], signal.SIGKILL)
     thread.join(timeout=300)
