@@ -17,6 +17,15 @@ def _figure():
     return plt
 
 
+def _png(plt, fig) -> bytes:
+    """The figure as PNG bytes (then closed)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def density_report(module, test_z: np.ndarray, history: list[dict], title: str, metric: str = "val_log_lik") -> bytes:
     """A PNG: (2-D) data, learned density, samples and the validation curve; (d > 2) the first two
     coordinates of data and samples, the histogram of test log-densities and the validation curve.
@@ -60,11 +69,7 @@ def density_report(module, test_z: np.ndarray, history: list[dict], title: str, 
     axes[3].legend()
     axes[3].set_title("learning curve")
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig)
 
 
 def trial_curves(curves: dict[str, list[float]], winner: str, metric: str, title: str) -> bytes:
@@ -84,11 +89,7 @@ def trial_curves(curves: dict[str, list[float]], winner: str, metric: str, title
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig)
 
 
 def classifier_report(metrics: dict, history: list[dict], title: str) -> bytes:
@@ -122,8 +123,4 @@ def classifier_report(metrics: dict, history: list[dict], title: str) -> bytes:
     ax.legend(lines, [h.get_label() for h in lines], loc="best")
     ax.set_title(f"learning curve (test accuracy {metrics['test_accuracy']:.3f}, majority {metrics['majority_accuracy']:.3f})")
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig)
