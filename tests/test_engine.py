@@ -122,8 +122,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
 
     # only this job's live workers (the CLI tests' drivers are other jobs on the same cluster)
     job = ray.get_runtime_context().get_job_id()
-    workers = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-                                                   ("job_id", "=", job)])]
+    # address: other Ray instances may run on the same machine (state API auto-discovery refuses to pick one)
+    workers = [a.pid for a in list_actors(address=ray_cluster, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", job)])]
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0], signal.SIGKILL)
     thread.join(timeout=300)
