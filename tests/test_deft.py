@@ -307,7 +307,7 @@ def test_deepspeed_checkpoint_without_frozen_weights_resumes_the_trainable_state
 
     first = engine()
     for batch in task.batches(0, 0, 1, 8):
-        loss, _ = task.loss(first, batch)
+        loss, _ = task.loss(first, batch, _ctx())
         first.backward(loss)
         first.step()
     first.save_checkpoint(str(tmp_path), tag="state", exclude_frozen_parameters=True)
@@ -322,7 +322,7 @@ def test_deepspeed_checkpoint_without_frozen_weights_resumes_the_trainable_state
     batch = next(iter(task.batches(1, 0, 1, 8)))
     for eng in (first, second):  # the same next step: optimizer moments came back too
         torch.manual_seed(1)  # the same dropout masks
-        loss, _ = task.loss(eng, batch)
+        loss, _ = task.loss(eng, batch, _ctx())
         eng.backward(loss)
         eng.step()
     a, b = _full_state_dict(first, zero, True), _full_state_dict(second, zero, True)
@@ -359,3 +359,11 @@ def test_export_load_and_serve_classify_round_trip(ray_cluster, exported):
         assert requests.post(f"{url}/v1/models/t5lora/classify", json={"texts": ["fine"]}, timeout=60).ok
     finally:
         ds.shutdown()
+
+
+def _ctx():
+    import torch
+
+    from densiray.train import StepContext
+
+    return StepContext(epoch=0, step=0, micro_step=0, rank=0, world=1, generator=torch.Generator().manual_seed(0))

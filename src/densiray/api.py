@@ -186,14 +186,13 @@ def _check_resources(tc) -> None:
 
 def build_task(kind: str, spec: RunSpec):
     """The Task for ``kind``, with its data loaded and config validated (no Ray needed)."""
-    from densiray.train import TASKS
+    from densiray import families
 
-    if kind not in TASKS:
-        raise ConfigError(f"unknown model family {kind!r}; available: {', '.join(sorted(TASKS))}")
+    task_cls = families.get(kind).task_class()
     if not spec.dataset:
         raise ConfigError("no dataset: pass --dataset NAME|PATH or set 'dataset' in the config")
     try:
-        return TASKS[kind](spec.dataset, spec.model, data_seed=spec.data_seed, n=spec.n)
+        return task_cls(spec.dataset, spec.model, data_seed=spec.data_seed, n=spec.n)
     except ValidationError as e:
         raise ConfigError(validation_message(e, "model")) from e
 

@@ -23,3 +23,7 @@ class RequestError(DensirayError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class BudgetError(DataError):
+    """A budget no sub-model of a nested model fits (HTTP 422)."""

@@ -424,36 +424,13 @@ class Store:
 
 
 def load_model(path_or_name: str, store: str | None = None):
-    """A ready model (e.g. :class:`~densiray.models.density.DensityModel`) from ``store`` or a folder.
-
-    Kind ``deft`` returns a :class:`~densiray.models.deft.TextClassifier` (``predict(texts)``), rebuilt
-    from its base model (by name or path) and the stored trainable weights.
+    """A ready model from ``store`` (or a model folder), rebuilt by its family's loader.
 
     The folder's hashes are verified and the weights read with safetensors (never unpickled); the
-    module is rebuilt from the manifest's kind and config and loaded strictly.
+    family (:mod:`densiray.families`, by the manifest's ``kind``) rebuilds the model from its config.
+    What the model can do is in :func:`densiray.capabilities.capabilities`.
     """
-    from densiray.data import Standardizer
-    from densiray.models import MODELS, build_model
-    from densiray.models.density import DensityModel
+    from densiray import families
 
     stored = Store(store).read(path_or_name)
-    manifest = stored.manifest
-    kind = manifest.get("kind")
-    if kind == "deft":  # a text classifier: PEFT weights over a base transformer
-        from densiray.models.deft import ExportMismatch, from_export
-
-        try:
-            return from_export(manifest, stored.tensors, stored.name)
-        except ExportMismatch as e:
-            raise StoreError(str(e)) from e
-    if kind not in MODELS:
-        raise StoreError(f"model {stored.name!r} has kind {kind!r}, which this densiray cannot load "
-                         f"(known: {', '.join(sorted(MODELS))}); upgrade densiray")
-    try:
-        module = build_model(kind, manifest["config"]["model"])
-        module.load_state_dict(stored.tensors, strict=True)
-        transform = Standardizer.from_dict(manifest["transform"])
-    except Exception as e:  # a manifest that hashes fine but does not describe these weights
-        msg = " ".join(str(e).split())[:300]
-        raise StoreError(f"model {stored.name!r} does not match its manifest ({msg}); export it again") from e
-    return DensityModel(module, transform, manifest)
+    return families.for_stored(stored.manifest.get("kind"), stored.name).load(stored)

@@ -648,4 +648,14 @@ def from_export(manifest: dict, tensors: dict[str, torch.Tensor], name: str) -> 
     return TextClassifier(module, load_tokenizer(module.path), manifest, name)
 
 
+def load_exported(stored) -> TextClassifier:
+    """A :class:`TextClassifier` from an exported DEFT model (``stored``: a verified StoredModel)."""
+    from densiray.errors import StoreError
+
+    try:
+        return from_export(stored.manifest, stored.tensors, stored.name)
+    except ExportMismatch as e:
+        raise StoreError(str(e)) from e
+
+
 logging.getLogger("peft").setLevel(logging.ERROR)

@@ -81,3 +81,19 @@ class DensityModel:
             raise DataError(f"n must be a positive integer, got {n!r}")
         z, _ = self.module.sample(n, seed=seed)
         return self.transform.inverse(z.double().numpy())
+
+
+def load_exported(stored) -> DensityModel:
+    """A :class:`DensityModel` from an exported DNMM (``stored``: a verified StoredModel)."""
+    from densiray.errors import StoreError
+    from densiray.models.dnmm import DNMM, DNMMConfig
+
+    manifest = stored.manifest
+    try:
+        module = DNMM(DNMMConfig(**manifest["config"]["model"]))
+        module.load_state_dict(stored.tensors, strict=True)
+        transform = Standardizer.from_dict(manifest["transform"])
+    except Exception as e:  # a manifest that hashes fine but does not describe these weights
+        msg = " ".join(str(e).split())[:300]
+        raise StoreError(f"model {stored.name!r} does not match its manifest ({msg}); export it again") from e
+    return DensityModel(module, transform, manifest)

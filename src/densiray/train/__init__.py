@@ -1,6 +1,5 @@
-"""The training engine (Ray Train + DeepSpeed) and one Task per model family."""
+"""The training engine (Ray Train + DeepSpeed) and one Task per model family (found via densiray.families)."""
 
-from densiray.train import deft, dnmm  # noqa: F401  (register the DEFT and DNMM tasks)
-from densiray.train.task import TASKS, Task, register
+from densiray.train.task import StepContext, Task
 
-__all__ = ["TASKS", "Task", "register"]
+__all__ = ["StepContext", "Task"]

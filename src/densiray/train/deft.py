@@ -31,13 +31,12 @@ from densiray.models.deft import (
     trim,
 )
 from densiray.store import Store, StoredModel
-from densiray.train.task import Task, register
+from densiray.train.task import StepContext, Task
 
 EVAL_BATCH = 64
 DENSITY_TAUS = (0.0, 1e-3, 1e-2)  # also reported at these thresholds, for comparisons across models
 
 
-@register
 class DEFTTask(Task):
     """Fine-tune ``model`` with a PEFT method on a text dataset; the selection metric is validation accuracy."""
 
@@ -107,7 +106,7 @@ class DEFTTask(Task):
             idx = mine[i * batch_size:(i + 1) * batch_size]
             yield trim({k: v[idx] for k, v in self.train_data.items()})
 
-    def loss(self, engine, batch: dict):
+    def loss(self, engine, batch: dict, ctx: StepContext):
         w = self.config.density_weight
         out = engine(batch["input_ids"], batch["attention_mask"])
         ce = F.cross_entropy(out["logits"].float(), batch["labels"])
@@ -203,3 +202,37 @@ class DEFTTask(Task):
             transform=None, metrics=self.metrics(model), provenance=provenance, extra_files=extra_files,
         )
         return target.read(name)
+
+
+def default_space(task: DEFTTask) -> dict:
+    """The space ``densiray tune deft`` searches: the density loss, the learning rate, the PEFT method and
+    its size; the objectives are validation accuracy (up) and validation activation density (down)."""
+    return {
+        "model.density_weight": {"loguniform": [0.01, 1.0]},
+        "model.eps": {"loguniform": [1e-4, 1e-1]},
+        "model.peft": {"choice": ["lora", "adapter"]},
+        "model.lora_r": {"choice": [4, 8, 16]},
+        "train.lr": {"loguniform": [3e-4, 3e-3]},
+    }
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def summary_lines(m: dict) -> list[tuple[str, str]]:
+    """What ``densiray train/tune deft`` prints about a trained classifier."""
+    return [
+        ("held-out", f"test accuracy {_fmt(m.get('test_accuracy'))} (validation {_fmt(m.get('val_accuracy'))}; "
+                     f"majority class {_fmt(m.get('majority_accuracy'))})"),
+        ("density", f"{_fmt(m.get('density'))} of MLP activations with |a| > {m.get('tau')} "
+                    f"({_fmt(m.get('nonzero'))} non-zero), per layer "
+                    + " ".join(f"{v:.2f}" for v in m.get("density_per_layer", []))),
+        ("peft", f"{m.get('peft')}, density weight {m.get('density_weight')}, "
+                 f"{m.get('trainable_params')} trainable of {m.get('total_params')} parameters"),
+    ]
+
+
+def list_columns(m: dict) -> tuple[str, str]:
+    """The two cells of ``densiray models``: test accuracy and activation density."""
+    return "acc " + _fmt(m.get("test_accuracy"), 3), "dens " + _fmt(m.get("density"), 2)

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from densiray.train.task import Task, better
+from densiray.train.task import StepContext, Task, better
 
 STATE_FILE = "state.json"
 BEST_FILE = "best.safetensors"
@@ -67,6 +67,7 @@ class LoopState:
     """What the loop needs to resume: epoch counter, early-stopping state and the metric history."""
 
     epoch: int = 0
+    step: int = 0  # optimizer steps taken
     initial: float | None = None  # the metric before any training step
     best: float | None = None
     best_epoch: int = -1
@@ -219,10 +220,13 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         steps = 0
         for batch in task.batches(epoch, rank, world, micro):
-            loss, batch_metrics = task.loss(engine, _to(batch, device))
+            ctx = StepContext(epoch=epoch, step=state.step, micro_step=0, rank=rank, world=world,
+                              generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + state.step))
+            loss, batch_metrics = task.loss(engine, _to(batch, device), ctx)
             engine.backward(loss)
             engine.step()
             steps += 1
+            state.step += 1
             for k, v in {"loss": loss.detach().item(), **batch_metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
         train_metrics = _all_reduce_mean({f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -17,10 +18,32 @@ from torch import nn
 from densiray.store import StoredModel
 
 
+@dataclass
+class StepContext:
+    """What the engine tells :meth:`Task.loss` about the current micro-step.
+
+    ``generator`` is seeded from (run seed, ``step``) alone, so every rank draws the same random numbers
+    in a step: use it for any choice that must agree across ranks (which sub-networks to train, noise
+    levels, ...). Under ZeRO-3 a choice that differs across ranks deadlocks the parameter gathers.
+    Per-sample randomness that may differ by rank (dropout, data noise) can use torch's global RNG.
+    """
+
+    epoch: int
+    step: int  # optimizer steps taken so far in the run (the same on every rank)
+    micro_step: int  # index of this micro-batch within the optimizer step (gradient accumulation)
+    rank: int
+    world: int
+    generator: torch.Generator
+
+
 class Task(ABC):
-    """One model family's part of the pipeline: data → model → loss → evaluation → export."""
+    """One model family's part of the pipeline: data → model → loss → evaluation → export.
+
+    Subclasses set ``dataset`` (a JSON-able description with at least ``name``) in ``__init__``.
+    """
 
     kind: ClassVar[str]
+    dataset: dict
     #: the validation metric that selects the best epoch (and Tune's objective), and its direction
     metric: ClassVar[str]
     mode: ClassVar[str] = "max"
@@ -39,8 +62,10 @@ class Task(ABC):
         """This worker's batches for one epoch; every rank must yield the same number of batches."""
 
     @abstractmethod
-    def loss(self, engine: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward through ``engine`` (the DeepSpeed engine; call it, not the module) -> (loss, metrics)."""
+    def loss(self, engine: nn.Module, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward through ``engine`` (the wrapped model; call it, not the module) -> (loss, metrics).
+
+        ``metrics`` are floats averaged over the epoch's steps and then over ranks by the engine."""
 
     @abstractmethod
     def evaluate(self, engine: nn.Module) -> dict[str, float]:
@@ -54,6 +79,10 @@ class Task(ABC):
     def export(self, model: nn.Module, *, store: str | None, name: str, provenance: dict,
                extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> StoredModel:
         """Evaluate ``model`` on held-out data and write it to the store; returns what was stored."""
+
+    @abstractmethod
+    def metrics(self, model: nn.Module) -> dict:
+        """Held-out metrics of a trained ``model`` (what the store records and the CLI summarises)."""
 
     def report_plot(self, model: nn.Module, history: list[dict], title: str) -> bytes | None:
         """A PNG report stored beside the exported model (``report.png``), or None for none."""
@@ -69,15 +98,6 @@ class Task(ABC):
     def describe(self) -> dict:
         """A short JSON-able description for logs and provenance."""
         return {"kind": self.kind}
-
-
-TASKS: dict[str, type[Task]] = {}
-
-
-def register(cls: type[Task]) -> type[Task]:
-    """Class decorator: make a Task available to the engine, the CLI and Tune by its ``kind``."""
-    TASKS[cls.kind] = cls
-    return cls
 
 
 def better(a: float, b: float, mode: str) -> bool:

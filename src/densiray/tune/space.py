@@ -26,30 +26,6 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 FIXED_TRAIN = {"workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every", "epochs", "patience"}
 
 
-def default_space(kind: str, dim: int) -> dict[str, Any]:
-    """The space ``densiray tune`` searches when none is given."""
-    if kind != "dnmm":
-        raise ConfigError(f"no default search space for {kind!r}; pass one with --space FILE.yaml")
-    space: dict[str, Any] = {
-        # the base mixture (components, covariance) is chosen by validation (components: auto); the
-        # sweep searches the component networks and how they are trained on top of it
-        "model.hidden": {"choice": [16, 32, 64, 128]},
-        "model.depth": {"randint": [1, 3]},
-        "model.activation": {"choice": ["silu", "tanh", "gelu"]},
-        "model.bound": {"choice": [0.5, 1.0, 2.0, 4.0]},
-        "model.rho": {"loguniform": [0.01, 1.0]},
-        "model.integration_samples": {"choice": [256, 512, 1024]},
-        "train.lr": {"loguniform": [3e-4, 1e-2]},
-        "train.weight_decay": {"choice": [0.0, 1e-4, 1e-3, 1e-2]},
-        "train.batch_size": {"choice": [64, 128, 256]},
-    }
-    if dim >= 8:  # where a single Gaussian mixture is far from the data, search a fitted flow warp under it
-        space["model.warp"] = {"choice": ["none", "nsf"]}
-    # The paper's box-supported variant (model.variant: bounded) is left out by default: it gives
-    # held-out rows outside the training box log p = -inf, so it loses every validation comparison.
-    return space
-
-
 def _values(spec: dict, key: str) -> list:
     """Representative values a distribution produces (its ends or every choice), for validation."""
     (dist, args), = spec.items()

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from densiray.errors import ConfigError, DensirayError
-from densiray.tune.space import default_space, to_tune, validate_space
+from densiray.tune.space import to_tune, validate_space
 
 MARKER = "densiray_sweep.json"
 
@@ -154,7 +154,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     Everything is validated before Ray starts.
     """
     import densiray.api as api
-    from densiray.models import MODELS
+    from densiray import families
     from densiray.store import check_name
     from densiray.train.engine import TrainConfig
 
@@ -164,9 +164,8 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     except ValidationError as e:
         raise ConfigError(api.validation_message(e, "tune")) from e
     name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}-tuned")
-    if kind not in MODELS:
-        raise ConfigError(f"densiray tune supports {', '.join(sorted(MODELS))}, not {kind!r}")
-    model_cls = MODELS[kind][0]
+    family = families.get(kind)
+    model_cls = family.config_class()
     train = {**spec.train, "workers": st.workers_per_trial, "cpus_per_worker": st.cpus_per_trial,
              "epochs": st.epochs, "patience": st.patience}
     try:
@@ -178,7 +177,9 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
         validate_space(search, model_cls, TrainConfig, {**spec.model, "dim": 1}, tc.model_dump())
     task = api.build_task(kind, spec)
     dim = task.dataset.get("d") or 0
-    search = search or default_space(kind, dim)
+    search = search or family.space(task)
+    if search is None:
+        raise ConfigError(f"{kind} has no default search space; pass one with --space FILE.yaml")
     task.warm(search)
 
     described = {"task": task.describe(), "train": tc.model_dump(), "space": search,

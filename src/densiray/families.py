@@ -1,0 +1,161 @@
+"""The family registry: one entry per model family, and the only place that names them.
+
+A family is its ``models/<family>.py`` (plain PyTorch, the loader of an exported model), its
+``train/<family>.py`` (the Task) and one :class:`Family` entry. Store, Tune, CLI and Serve look a
+family up here by ``kind`` and never name one. References are ``"module:attribute"`` strings resolved
+on first use, so the registry imports nothing heavy and has no import circles (Serve resolves only
+``loader``, never the training side); a family defined elsewhere (a plugin, a test) may pass the
+objects themselves::
+
+    register(Family(kind="toy", task=ToyTask, loader=load_toy, model_config=ToyConfig,
+                    default_space=lambda task: {"train.lr": {"loguniform": [1e-3, 1e-1]}}))
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from densiray.errors import ConfigError, StoreError
+
+Ref = Any  # an object, or "package.module:attribute" resolved on first use
+
+
+def _resolve(ref: Ref) -> Any:
+    if isinstance(ref, str) and ":" in ref:
+        module, _, attr = ref.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return ref
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the generic layers need to know about one model family.
+
+    * ``task``: the :class:`~densiray.train.task.Task` subclass, ``Task(dataset, model, data_seed=, n=)``.
+    * ``loader``: ``loader(stored: StoredModel) -> model``: an exported model, ready without Ray. The
+      returned object declares what it can do through :mod:`densiray.capabilities`; raise
+      :class:`~densiray.errors.StoreError` (one line) for weights that do not fit the manifest.
+    * ``model_config``: the pydantic model of the ``model:`` section of a config.
+    * ``default_space``: ``default_space(task) -> dict`` (the search-space vocabulary of
+      :mod:`densiray.tune.space`), or None: ``densiray tune`` then needs ``--space``.
+    * ``objectives``: extra metrics ``(name, mode)`` a sweep optimises beside the Task's selection
+      metric (a multi-objective sweep writes their Pareto front).
+    * ``summary``: ``summary(metrics: dict) -> list[(label, text)]``, the lines the CLI prints for a
+      trained model; ``columns``: ``columns(metrics) -> (metric, integral)`` short cells for
+      ``densiray models``.
+    * ``flags``: command-line flags of ``densiray train <kind>``, model-config key -> argparse keyword
+      arguments (the flag is ``--key-with-dashes``); ``datasets``: a one-line help for ``--dataset``.
+    """
+
+    kind: str
+    task: Ref
+    loader: Ref
+    model_config: Ref
+    description: str = ""
+    default_space: Ref = None
+    objectives: tuple[tuple[str, str], ...] = ()
+    summary: Ref = None
+    columns: Ref = None
+    flags: dict[str, dict] = field(default_factory=dict)
+    datasets: str = "a bundled dataset name or a file path"
+
+    def task_class(self) -> type:
+        return _resolve(self.task)
+
+    def config_class(self) -> type:
+        return _resolve(self.model_config)
+
+    def load(self, stored) -> Any:
+        """The ready model of an exported ``stored`` (a :class:`~densiray.store.StoredModel`)."""
+        return _resolve(self.loader)(stored)
+
+    def space(self, task) -> dict | None:
+        fn = _resolve(self.default_space)
+        return fn(task) if fn is not None else None
+
+    def summary_lines(self, metrics: dict) -> list[tuple[str, str]]:
+        fn = _resolve(self.summary)
+        return list(fn(metrics)) if fn is not None else []
+
+    def list_columns(self, metrics: dict) -> tuple[str, str]:
+        fn = _resolve(self.columns)
+        return fn(metrics) if fn is not None else ("", "")
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add (or replace) a family; returns it."""
+    _FAMILIES[family.kind] = family
+    return family
+
+
+def unregister(kind: str) -> None:
+    _FAMILIES.pop(kind, None)
+
+
+def kinds() -> list[str]:
+    """Every registered family, sorted."""
+    return sorted(_FAMILIES)
+
+
+def get(kind: str, *, error: type[Exception] = ConfigError) -> Family:
+    """The family ``kind``, or ``error`` naming the known ones."""
+    try:
+        return _FAMILIES[kind]
+    except (KeyError, TypeError):
+        raise error(f"unknown model family {kind!r}; available: {', '.join(kinds())}") from None
+
+
+def for_stored(kind: object, name: str) -> Family:
+    """The family of an exported model (a StoreError if this densiray has none of that kind)."""
+    if not isinstance(kind, str) or kind not in _FAMILIES:
+        raise StoreError(f"model {name!r} has kind {kind!r}, which this densiray cannot load "
+                         f"(known: {', '.join(kinds())}); upgrade densiray")
+    return _FAMILIES[kind]
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# the built-in families
+
+register(Family(
+    kind="dnmm",
+    description="Deep Neural Mixture Model: a proper multivariate density (Trentin 2023)",
+    task="densiray.train.dnmm:DNMMTask",
+    loader="densiray.models.density:load_exported",
+    model_config="densiray.models.dnmm:DNMMConfig",
+    default_space="densiray.train.dnmm:default_space",
+    summary="densiray.train.dnmm:summary_lines",
+    columns="densiray.train.dnmm:list_columns",
+    datasets="a bundled dataset (moons, rings, checkerboard, iris, wine, breast_cancer, diabetes, digits) "
+             "or a .csv/.tsv/.parquet/.npy path",
+))
+
+register(Family(
+    kind="deft",
+    description="DEFT: PEFT fine-tuning of a transformer classifier with an activation-density loss",
+    task="densiray.train.deft:DEFTTask",
+    loader="densiray.models.deft:load_exported",
+    model_config="densiray.models.deft:DEFTConfig",
+    default_space="densiray.train.deft:default_space",
+    objectives=(("val_density", "min"),),
+    summary="densiray.train.deft:summary_lines",
+    columns="densiray.train.deft:list_columns",
+    datasets="finefood or a .csv/.tsv/.jsonl file with columns text,label",
+    flags={
+        "model": {"help": "base transformer: minilm (bundled), a Hugging Face name or a local folder"},
+        "peft": {"choices": ["lora", "adapter", "prefix", "prompt"], "help": "PEFT method"},
+        "density_weight": {"type": float, "help": "weight of the activation-density loss (0: plain PEFT)"},
+        "relu": {"action": "store_true", "default": None, "help": "swap the MLP activation to ReLU first"},
+        "max_length": {"type": int, "help": "tokens per text (longer texts are truncated)"},
+        "tau": {"type": float, "help": "reported density counts |a| > tau"},
+        "eps": {"type": float, "help": "epsilon of the density loss a^2/(a^2+eps)"},
+    },
+))
