@@ -207,9 +207,11 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     """
     from densiray.train.engine import TrainConfig, fit
 
+    from densiray import families
+
     spec = _merge(load_spec(config), {"dataset": dataset, **(overrides or {})})
     try:
-        tc = TrainConfig(**spec.train)
+        tc = TrainConfig(**{**families.get(kind).train_defaults, **spec.train})
     except ValidationError as e:
         raise ConfigError(validation_message(e, "train")) from e
     name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}")

@@ -48,6 +48,8 @@ class Family:
     * ``summary``: ``summary(metrics: dict) -> list[(label, text)]``, the lines the CLI prints for a
       trained model; ``columns``: ``columns(metrics) -> (metric, integral)`` short cells for
       ``densiray models``.
+    * ``train_defaults``: engine settings (:class:`~densiray.train.engine.TrainConfig` fields) this family
+      trains with unless the user sets them (e.g. a small learning rate and batch for fine-tuning).
     * ``flags``: command-line flags of ``densiray train <kind>``, model-config key -> argparse keyword
       arguments (the flag is ``--key-with-dashes``); ``datasets``: a one-line help for ``--dataset``.
     """
@@ -61,6 +63,7 @@ class Family:
     objectives: tuple[tuple[str, str], ...] = ()
     summary: Ref = None
     columns: Ref = None
+    train_defaults: dict = field(default_factory=dict)
     flags: dict[str, dict] = field(default_factory=dict)
     datasets: str = "a bundled dataset name or a file path"
 
