@@ -124,9 +124,9 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: r["weight"])
     ok = [r for r in rows if "error" not in r]
     front = bench.pareto([(r["test_accuracy"], r["test_density"], f"w={r['weight']:g}") for r in ok])
-    import peft
     import platform
 
+    import peft
     import torch
     import transformers
 

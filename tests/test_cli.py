@@ -159,11 +159,11 @@ def test_models_lists_a_corrupt_folder_without_crashing(tmp_path, capsys):
 
 
 def test_corrupt_model_is_refused_on_load(tmp_path):
+    import torch
+
     import densiray
     from densiray.errors import StoreError
     from densiray.store import Store
-
-    import torch
 
     s = Store(str(tmp_path / "s"))
     s.export("m", kind="dnmm", tensors={"w": torch.zeros(2)}, config={}, transform=None, metrics={}, provenance={})

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -16,8 +14,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from densiray import runs
 from densiray.errors import ConfigError, DensirayError
-from densiray.store import check_name, default_store_uri
+from densiray.runs import config_hash, runs_uri
+from densiray.store import check_name
 
 
 class RunSpec(BaseModel):
@@ -44,20 +44,26 @@ def validation_message(e: ValidationError, where: str) -> str:
     return "; ".join(parts)
 
 
+def load_yaml(path: str | os.PathLike, what: str) -> dict:
+    """A YAML mapping from ``path``; a one-line ConfigError for a missing file, bad YAML or a non-mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such {what} file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_spec(config: str | os.PathLike | dict | None) -> RunSpec:
     """A RunSpec from a YAML file, a dict or nothing (defaults)."""
     if config is None:
         return RunSpec()
     if not isinstance(config, dict):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"no such config file: {path}")
-        try:
-            config = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from e
-        if not isinstance(config, dict):
-            raise ConfigError(f"config {path} must be a mapping with keys dataset/model/train, got {type(config).__name__}")
+        config = load_yaml(config, "config")
     try:
         return RunSpec(**config)
     except ValidationError as e:
@@ -98,64 +104,6 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     else:
         # The dashboard (on 127.0.0.1) serves the state API that Ray Train's cleanup thread polls.
         ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
-
-
-def runs_uri(store: str | None) -> str:
-    """Where Ray Train keeps runs and checkpoints: ``<store>/.runs`` (shared storage on a cluster)."""
-    uri = store or default_store_uri()
-    if "://" in uri:
-        return uri.rstrip("/") + "/.runs"
-    return str(Path(uri).absolute() / ".runs")
-
-
-def _fs(uri: str):
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), uri
-
-
-def _run_marker(storage: str, name: str, config_hash: str, restart: bool) -> str:
-    """Decide between a fresh run and resuming one: returns "new", "resume" or "restart".
-
-    ``<runs>/<name>/densiray_run.json`` records the config hash and whether the run finished. An
-    unfinished run with the same config resumes; a finished one, one without a checkpoint yet (or
-    ``restart``) starts afresh; an unfinished one with another config is refused, so a resume never
-    mixes two configs.
-    """
-    import pyarrow.fs as pafs
-
-    fs, root = _fs(storage)
-    run_dir, marker = f"{root}/{name}", f"{root}/{name}/densiray_run.json"
-    info = fs.get_file_info(marker)
-    action = "new"
-    if info.type == pafs.FileType.File:
-        with fs.open_input_stream(marker) as f:
-            previous = json.loads(f.read())
-        has_checkpoint = any(i.base_name.startswith("checkpoint_")
-                             for i in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)))
-        if restart or previous.get("done") or not has_checkpoint:
-            action = "restart"
-        elif previous.get("config_hash") != config_hash:
-            raise ConfigError(f"run {name!r} exists unfinished with a different config; resume it with the same "
-                              f"config, pass --restart to discard it, or choose another --name")
-        else:
-            action = "resume"
-    elif restart:
-        action = "restart"
-    if action == "restart" and fs.get_file_info(run_dir).type == pafs.FileType.Directory:
-        fs.delete_dir(run_dir)
-    if action != "resume":
-        fs.create_dir(run_dir, recursive=True)
-        _write_marker(storage, name, config_hash, done=False)
-    return action
-
-
-def _write_marker(storage: str, name: str, config_hash: str, done: bool) -> None:
-    fs, root = _fs(storage)
-    with fs.open_output_stream(f"{root}/{name}/densiray_run.json") as f:
-        f.write(json.dumps({"config_hash": config_hash, "done": done}).encode())
 
 
 def _check_resources(tc) -> None:
@@ -205,9 +153,8 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     Everything is validated (config, data) before Ray starts. ``overrides`` = {"model": {...},
     "train": {...}} from the command line take precedence over the config file.
     """
-    from densiray.train.engine import TrainConfig, fit
-
     from densiray import families
+    from densiray.train.engine import TrainConfig, fit
 
     spec = _merge(load_spec(config), {"dataset": dataset, **(overrides or {})})
     try:
@@ -216,24 +163,23 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
         raise ConfigError(validation_message(e, "train")) from e
     name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}")
     task = build_task(kind, spec)
-    storage = runs_uri(store)
-    described = {**task.describe(), "train": tc.model_dump()}
-    config_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    run_path = f"{runs_uri(store)}/{name}"
+    digest = config_hash({**task.describe(), "train": tc.model_dump()})
     ensure_ray()
     _check_resources(tc)
-    action = _run_marker(storage, name, config_hash, restart)
+    action = runs.prepare(run_path, digest, restart, lambda: runs.has_checkpoint(run_path))
     if action == "resume":
         print(f"densiray: resuming unfinished run {name!r} from its latest checkpoint")
     t0 = time.perf_counter()
     try:
-        result = fit(task, tc, name=name, storage=storage)
+        result = fit(task, tc, name=name, storage=runs_uri(store))
     except DensirayError:
         raise
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("^")]
         raise DensirayError(f"training failed: {lines[-1] if lines else type(e).__name__}") from e
     train_time = time.perf_counter() - t0
-    _write_marker(storage, name, config_hash, done=True)
+    runs.finish(run_path, digest)
 
     import ray
 
@@ -242,15 +188,24 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
                   "epochs_run": result.state["epoch"], "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
                   "workers": tc.workers, "zero_stage": tc.zero_stage,
                   "history": result.state.get("history", [])}
-    model = task.trained_model(result.best_weights)
-    extra = {}
-    png = task.report_plot(model, provenance["history"], title=f"{name}: {kind} on {task.dataset['name']}") if plot else None
-    if png:
-        extra["report.png"] = png
-    stored = task.export(model, store=store, name=name, provenance=provenance,
-                         extra_files=extra, train_config=tc.model_dump())
+    stored = export_trained(task, result.best_weights, name=name, store=store, provenance=provenance,
+                            train_config=tc.model_dump(), title=f"{name}: {kind} on {task.dataset['name']}", plot=plot)
     path, manifest = stored.path, stored.manifest
     return {"name": name, "kind": kind, "path": path, "dataset": task.dataset["name"], "d": task.dataset.get("d"),
             "metrics": manifest["metrics"], "best_epoch": provenance["best_epoch"],
             "epochs_run": provenance["epochs_run"], "train_time_s": provenance["train_time_s"],
-            "plot": f"{path}/report.png" if png else None, "resumed": action == "resume"}
+            "plot": f"{path}/report.png" if "report.png" in manifest["files"] else None,
+            "resumed": action == "resume"}
+
+
+def export_trained(task, weights: dict, *, name: str, store: str | None, provenance: dict, train_config: dict,
+                   title: str, plot: bool = True, model=None, extra_files: dict[str, bytes] | None = None):
+    """Rebuild the trained model from ``weights`` (or take ``model``), draw its report and export it to the
+    store with ``provenance``; returns the StoredModel read back (hashes verified)."""
+    model = model if model is not None else task.trained_model(weights)
+    extra = dict(extra_files or {})
+    png = task.report_plot(model, provenance.get("history", []), title=title) if plot else None
+    if png:
+        extra["report.png"] = png
+    return task.export(model, store=store, name=name, provenance=provenance, extra_files=extra,
+                       train_config=train_config)

@@ -10,6 +10,7 @@ import sys
 from densiray import __version__
 from densiray.errors import DensirayError
 
+
 def _fmt(v, digits: int = 4) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 

@@ -124,3 +124,24 @@ def classifier_report(metrics: dict, history: list[dict], title: str) -> bytes:
     ax.set_title(f"learning curve (test accuracy {metrics['test_accuracy']:.3f}, majority {metrics['majority_accuracy']:.3f})")
     fig.suptitle(title)
     return _png(plt, fig)
+
+
+def pareto_plot(rows: list[dict], front: list[dict], winner: str, objectives: list, title: str) -> bytes:
+    """Every trial on the first two objectives, the Pareto front joined, the exported winner circled."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    (mx, _), (my, _) = objectives[0], objectives[1]
+    pts = [(r[mx], r[my]) for r in rows if r.get(mx) is not None and r.get(my) is not None]
+    if pts:
+        ax.scatter(*zip(*pts), s=18, color="0.6", label="trials")
+    line = sorted((r[mx], r[my]) for r in front)
+    if line:
+        ax.plot(*zip(*line), "o-", color="C0", label="Pareto front")
+    win = [(r[mx], r[my]) for r in rows if r["trial_id"] == winner and r.get(my) is not None]
+    if win:
+        ax.scatter(*zip(*win), s=160, facecolors="none", edgecolors="C3", linewidths=2, label="exported")
+    ax.set_xlabel(mx)
+    ax.set_ylabel(my)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    return _png(plt, fig)

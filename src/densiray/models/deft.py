@@ -266,7 +266,7 @@ class DEFTClassifier(nn.Module):
     (count of |a| > τ), ``nonzero`` (count of a ≠ 0) and ``size`` (non-padding tokens × features).
     """
 
-    def __init__(self, config: DEFTConfig, labels: list[str], *, tokenizer=None, init_seed: int | None = None) -> None:
+    def __init__(self, config: DEFTConfig, labels: list[str], *, init_seed: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.labels = list(labels)
@@ -274,7 +274,7 @@ class DEFTClassifier(nn.Module):
         hf_config = load_hf_config(self.path)
         self.arch = detect_arch(hf_config, config.arch)
         self.model_type = hf_config.model_type
-        tokenizer = tokenizer if tokenizer is not None else (load_tokenizer(self.path) if self.arch == "t5" else None)
+        tokenizer = load_tokenizer(self.path) if self.arch == "t5" else None
         if init_seed is not None:
             torch.manual_seed(init_seed)
         base, fresh = self._load_base(hf_config)
@@ -562,6 +562,7 @@ class TextClassifier:
     """
 
     kind = "deft"
+    input_kind = "text"  # predict() takes texts
     max_batch = 64
 
     def __init__(self, module: DEFTClassifier, tokenizer, manifest: dict, name: str) -> None:
@@ -599,13 +600,6 @@ class TextClassifier:
                 frac = (out["active"].double() / out["size"].double().clamp_min(1)).mean(1)
                 density += frac.clamp(0, 1).cpu().tolist()
         return {"labels": labels, "probs": probs, "activation_density": density}
-
-
-def build_classifier(config: DEFTConfig | dict, labels: list[str], *, init_seed: int | None = 0) -> DEFTClassifier:
-    """Build (and validate) a DEFT classifier; ConfigError with one line on any mismatch."""
-    if isinstance(config, dict):
-        config = DEFTConfig(**config)
-    return DEFTClassifier(config, labels, init_seed=init_seed)
 
 
 class ExportMismatch(Exception):

@@ -20,13 +20,13 @@ from densiray.errors import ConfigError, DataError
 from densiray.models.deft import (
     DEFTClassifier,
     DEFTConfig,
+    batches_of,
     density_summary,
     detect_arch,
     evaluate_texts,
     load_hf_config,
     load_tokenizer,
     resolve_model,
-    batches_of,
     tokenize,
     trim,
 )

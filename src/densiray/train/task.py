@@ -92,6 +92,12 @@ class Task(ABC):
         """This Task (same data) with ``overrides`` merged into its model config: one Tune trial."""
         raise NotImplementedError(f"{type(self).__name__} does not support Tune sweeps yet")
 
+    def with_validation_rows(self) -> Task:
+        """This Task with its validation rows added to the training rows (``densiray tune --refit``)."""
+        from densiray.errors import ConfigError
+
+        raise ConfigError(f"{self.kind} cannot refit on its validation rows; leave tune.refit off")
+
     def warm(self, space: dict) -> None:
         """Before a sweep: compute on the driver whatever trials of ``space`` would share (caches)."""
 

@@ -14,22 +14,19 @@ best validation score is exported to the store with the whole sweep as its prove
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from densiray import runs
 from densiray.errors import ConfigError, DensirayError
 from densiray.tune.space import to_tune, validate_space
-
-MARKER = "densiray_sweep.json"
 
 
 class SweepSettings(BaseModel):
@@ -48,6 +45,9 @@ class SweepSettings(BaseModel):
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of a trial (per worker with workers_per_trial)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the CPUs hold")
     seed: int = 0
+    pareto_tolerance: float = Field(0.01, ge=0, description="multi-objective sweeps: the exported winner is the "
+                                    "Pareto trial best on the other objectives among those within this much of the "
+                                    "best selection metric")
     refit: bool = Field(False, description="retrain the winner on train+validation rows for its best number of "
                                           "epochs before export (the sweep's selection needs validation rows; "
                                           "the final model need not leave them out)")
@@ -57,15 +57,9 @@ def load_space(space: str | os.PathLike | dict | None) -> dict | None:
     """A search space from a YAML file or a dict (None: the family's default)."""
     if space is None or isinstance(space, dict):
         return space
-    path = Path(space)
-    if not path.is_file():
-        raise ConfigError(f"no such search-space file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"search space {path} is not valid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"search space {path} must be a mapping of model.<setting>/train.<setting>")
+    from densiray.api import load_yaml
+
+    data = load_yaml(space, "search-space")
     return data.get("space", data) if set(data) == {"space"} else data
 
 
@@ -102,46 +96,178 @@ def _concurrency(settings: SweepSettings) -> tuple[dict, int]:
     return resources, concurrent
 
 
-def _sweep_state(path: str, config_hash: str, restart: bool) -> str:
-    """"new", "resume" or "restart" for the sweep at ``path`` (see api._run_marker for runs)."""
-    import pyarrow.fs as pafs
-    from ray import tune
-
-    from densiray.api import _fs
-
-    fs, root = _fs(path)
-    marker = f"{root}/{MARKER}"
-    action = "new"
-    if fs.get_file_info(marker).type == pafs.FileType.File:
-        with fs.open_input_stream(marker) as f:
-            previous = json.loads(f.read())
-        if restart or previous.get("done") or not tune.Tuner.can_restore(path):
-            action = "restart"
-        elif previous.get("config_hash") != config_hash:
-            raise ConfigError("an unfinished sweep of this name exists with different settings; run it again with "
-                              "the same settings to resume, pass --restart to discard it, or choose another --name")
-        else:
-            action = "resume"
-    elif restart:
-        action = "restart"
-    if action != "resume":
-        if fs.get_file_info(root).type == pafs.FileType.Directory:
-            fs.delete_dir(root)
-        fs.create_dir(root, recursive=True)
-        _write_marker(path, config_hash, done=False)
-    return action
-
-
-def _write_marker(path: str, config_hash: str, done: bool) -> None:
-    from densiray.api import _fs
-
-    fs, root = _fs(path)
-    with fs.open_output_stream(f"{root}/{MARKER}") as f:
-        f.write(json.dumps({"config_hash": config_hash, "done": done}).encode())
-
-
 def _flat(config: dict) -> dict:
     return {f"{section}.{k}": v for section in ("model", "train") for k, v in (config.get(section) or {}).items()}
+
+
+@dataclass
+class Plan:
+    """A validated sweep, ready to run: the Task (data loaded), settings, space and objectives."""
+
+    kind: str
+    name: str
+    task: Any
+    settings: SweepSettings
+    train: Any  # TrainConfig of every trial (before the space's train.* settings)
+    space: dict
+    objectives: list[tuple[str, str]]  # (reported metric, mode); the first selects, the rest make a Pareto front
+    digest: str
+    path: str  # the sweep's folder: <store>/.runs/tune-<name>
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+
+def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store: str | None) -> Plan:
+    """Validate everything (settings, space, data) before Ray starts."""
+    import densiray.api as api
+    from densiray import families
+    from densiray.store import check_name
+    from densiray.train.engine import TrainConfig
+
+    family = families.get(kind)
+    try:
+        st = SweepSettings(**{**spec.tune, **{k: v for k, v in (settings or {}).items() if v is not None}})
+    except ValidationError as e:
+        raise ConfigError(api.validation_message(e, "tune")) from e
+    name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}-tuned")
+    train = {**family.train_defaults, **spec.train, "workers": st.workers_per_trial,
+             "cpus_per_worker": st.cpus_per_trial, "epochs": st.epochs, "patience": st.patience}
+    try:
+        tc = TrainConfig(**train)
+    except ValidationError as e:
+        raise ConfigError(api.validation_message(e, "train")) from e
+    search = load_space(space) or spec.space
+    if search is not None:  # before the data: nothing in a model config's validation depends on it
+        validate_space(search, family.config_class(), TrainConfig, dict(spec.model), tc.model_dump())
+    task = api.build_task(kind, spec)
+    search = search or family.space(task)
+    if search is None:
+        raise ConfigError(f"{kind} has no default search space; pass one with --space FILE.yaml")
+    task.warm(search)
+    objectives = [(f"best_{task.metric}", task.mode), *family.objectives]
+    digest = runs.config_hash({"task": task.describe(), "train": tc.model_dump(), "space": search,
+                               "tune": st.model_dump(exclude={"time_budget_s"})})
+    return Plan(kind=kind, name=name, task=task, settings=st, train=tc, space=search, objectives=objectives,
+                digest=digest, path=f"{api.runs_uri(store)}/tune-{name}")
+
+
+def _tuner(plan: Plan, action: str):
+    """A new Tuner (Optuna TPE, multi-objective where the family has several objectives, and ASHA on the
+    selection metric), or the interrupted one restored."""
+    from ray import tune as rtune
+    from ray.tune.schedulers import ASHAScheduler
+
+    st = plan.settings
+    resources, concurrent = _concurrency(st)
+    trainable = rtune.with_resources(
+        rtune.with_parameters(_trial, task=plan.task, train=plan.train.model_dump(), storage=f"{plan.path}/train"),
+        resources)
+    if action == "resume":
+        print(f"densiray: resuming unfinished sweep {plan.name!r}")
+        return rtune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=True), \
+            concurrent
+    multi = len(plan.objectives) > 1
+    search_alg = None
+    if st.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = (OptunaSearch(metric=[m for m, _ in plan.objectives], mode=[d for _, d in plan.objectives],
+                                   seed=st.seed) if multi else OptunaSearch(seed=st.seed))
+    primary, mode = plan.objectives[0]
+    tuner = rtune.Tuner(
+        trainable,
+        param_space=to_tune(plan.space),
+        tune_config=rtune.TuneConfig(
+            metric=None if multi else primary, mode=None if multi else mode, search_alg=search_alg,
+            num_samples=st.trials, max_concurrent_trials=concurrent, time_budget_s=st.time_budget_s,
+            scheduler=ASHAScheduler(metric=primary if multi else None, mode=mode if multi else None,
+                                    time_attr="training_iteration", max_t=st.epochs,
+                                    grace_period=min(st.grace_period, st.epochs), reduction_factor=st.reduction_factor),
+        ),
+        run_config=rtune.RunConfig(
+            name=Path(plan.path).name, storage_path=plan.path.rsplit("/", 1)[0], verbose=1,
+            checkpoint_config=rtune.CheckpointConfig(num_to_keep=1),
+            failure_config=rtune.FailureConfig(max_failures=1),
+        ),
+    )
+    return tuner, concurrent
+
+
+def _at_best_epoch(result, metrics: list[str]) -> dict:
+    """The values of ``metrics`` at the trial's best epoch (its last report where the history lacks it)."""
+    m = result.metrics or {}
+    out = {k: m.get(k) for k in metrics}
+    df, best = result.metrics_dataframe, m.get("best_epoch")
+    if df is not None and isinstance(best, (int, float)) and best >= 0 and "epoch" in df:
+        rows = df[df["epoch"] == best]
+        for k in metrics:
+            if k in rows and len(rows):
+                out[k] = float(rows[k].iloc[-1])
+    return out
+
+
+def _finite(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _collect(grid, plan: Plan) -> tuple[list[dict], dict[str, list[float]], dict[str, Any]]:
+    """One row per trial (config, objectives, epochs, error), each trial's validation curve, and the
+    results of the trials that can be exported (a checkpoint and a finite selection score) by trial id."""
+    rows, curves, results = [], {}, {}
+    extra = [m for m, _ in plan.objectives[1:]]
+    for r in grid:
+        m = r.metrics or {}
+        tid = m.get("trial_id") or Path(r.path or "").name
+        values = {plan.metric: _finite(m.get(plan.metric)),
+                  **{k: _finite(v) for k, v in _at_best_epoch(r, extra).items()}}
+        rows.append({"trial_id": tid, **_flat(r.config or {}), **values, "epochs": m.get("training_iteration"),
+                     "best_epoch": m.get("best_epoch"),
+                     "error": " ".join(str(r.error).split())[:200] if r.error else None})
+        df = r.metrics_dataframe
+        if df is not None and plan.task.metric in df:
+            curves[tid] = [float(v) for v in df[plan.task.metric]]
+        if r.checkpoint is not None and values[plan.metric] is not None:
+            results[tid] = r
+    return rows, curves, results
+
+
+def pareto_front(rows: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
+    """The rows no other row beats on every objective (and strictly on one); rows missing a value are out."""
+    keyed = [r for r in rows if all(r.get(m) is not None for m, _ in objectives)]
+
+    def better_or_equal(a, b):
+        return all((a[m] >= b[m]) if d == "max" else (a[m] <= b[m]) for m, d in objectives)
+
+    return [r for r in keyed
+            if not any(better_or_equal(o, r) and any(o[m] != r[m] for m, _ in objectives) for o in keyed if o is not r)]
+
+
+def _select(rows: list[dict], exportable: dict, plan: Plan) -> tuple[str, list[dict]]:
+    """The winning trial id (and the Pareto front of a multi-objective sweep, else [])."""
+    primary, mode = plan.objectives[0]
+    candidates = [r for r in rows if r["trial_id"] in exportable]
+    if not candidates:
+        return "", []
+    sign = 1 if mode == "max" else -1
+    if len(plan.objectives) == 1:
+        return max(candidates, key=lambda r: sign * r[primary])["trial_id"], []
+    front = pareto_front(candidates, plan.objectives)
+    best = max(sign * r[primary] for r in front)
+    near = [r for r in front if sign * r[primary] >= best - plan.settings.pareto_tolerance]
+    others = plan.objectives[1:]
+    winner = max(near, key=lambda r: tuple((1 if d == "max" else -1) * r[m] for m, d in others))
+    return winner["trial_id"], front
+
+
+def _no_winner(rows: list[dict], plan: Plan, elapsed: float) -> DensirayError:
+    st = plan.settings
+    errors = [row["error"] for row in rows if row["error"]]
+    budget = (f" within the time budget of {st.time_budget_s:g} s; raise --time-budget-s"
+              if st.time_budget_s and elapsed >= 0.95 * st.time_budget_s else "")
+    return DensirayError(f"no trial of sweep {plan.name!r} reached a finite {plan.task.metric}{budget}"
+                         + (f"; first error: {errors[0]}" if errors else ""))
 
 
 def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | dict | None = None,
@@ -151,171 +277,111 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
 
     ``config`` is a run config (YAML or dict) whose optional ``tune`` and ``space`` sections hold
     the sweep settings and the search space; ``settings``/``space`` arguments take precedence.
-    Everything is validated before Ray starts.
+    Everything is validated before Ray starts. A family with several objectives (``Family.objectives``)
+    gets a multi-objective search; its Pareto front is written beside the winner (``pareto.csv``,
+    ``pareto.png``).
     """
     import densiray.api as api
-    from densiray import families
-    from densiray.store import check_name
-    from densiray.train.engine import TrainConfig
 
     spec = api._merge(api.load_spec(config), {"dataset": dataset, **(overrides or {})})
-    try:
-        st = SweepSettings(**{**spec.tune, **{k: v for k, v in (settings or {}).items() if v is not None}})
-    except ValidationError as e:
-        raise ConfigError(api.validation_message(e, "tune")) from e
-    name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}-tuned")
-    family = families.get(kind)
-    model_cls = family.config_class()
-    train = {**spec.train, "workers": st.workers_per_trial, "cpus_per_worker": st.cpus_per_trial,
-             "epochs": st.epochs, "patience": st.patience}
-    try:
-        tc = TrainConfig(**train)
-    except ValidationError as e:
-        raise ConfigError(api.validation_message(e, "train")) from e
-    search = load_space(space) or spec.space
-    if search is not None:  # before the data: nothing in a model config's validation depends on d
-        validate_space(search, model_cls, TrainConfig, {**spec.model, "dim": 1}, tc.model_dump())
-    task = api.build_task(kind, spec)
-    dim = task.dataset.get("d") or 0
-    search = search or family.space(task)
-    if search is None:
-        raise ConfigError(f"{kind} has no default search space; pass one with --space FILE.yaml")
-    task.warm(search)
-
-    described = {"task": task.describe(), "train": tc.model_dump(), "space": search,
-                 "tune": st.model_dump(exclude={"time_budget_s"})}
-    config_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    plan = _plan(kind, spec, settings, space, name, store)
     api.ensure_ray()
-    import ray
-    from ray import tune as rtune
-    from ray.tune.schedulers import ASHAScheduler
-
-    resources, concurrent = _concurrency(st)
-    runs = api.runs_uri(store)
-    exp_name = f"tune-{name}"
-    path = f"{runs}/{exp_name}"
-    action = _sweep_state(path, config_hash, restart)
-    trainable = rtune.with_resources(
-        rtune.with_parameters(_trial, task=task, train=tc.model_dump(), storage=f"{path}/train"), resources)
-    metric = f"best_{task.metric}"
+    action = runs.prepare(plan.path, plan.digest, restart, lambda: _can_restore(plan.path), what="sweep")
+    tuner, concurrent = _tuner(plan, action)
     t0 = time.perf_counter()
-    if action == "resume":
-        print(f"densiray: resuming unfinished sweep {name!r}")
-        tuner = rtune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        if st.searcher == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = OptunaSearch(seed=st.seed)
-        else:
-            search_alg = None
-        tuner = rtune.Tuner(
-            trainable,
-            param_space=to_tune(search),
-            tune_config=rtune.TuneConfig(
-                metric=metric, mode=task.mode, search_alg=search_alg, num_samples=st.trials,
-                max_concurrent_trials=concurrent, time_budget_s=st.time_budget_s,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=st.epochs,
-                                        grace_period=min(st.grace_period, st.epochs),
-                                        reduction_factor=st.reduction_factor),
-            ),
-            run_config=rtune.RunConfig(
-                name=exp_name, storage_path=runs, verbose=1,
-                checkpoint_config=rtune.CheckpointConfig(num_to_keep=1),
-                failure_config=rtune.FailureConfig(max_failures=1),
-            ),
-        )
     try:
         grid = tuner.fit()
     except DensirayError:
         raise
     except Exception as e:
         raise DensirayError(f"the sweep failed: {' '.join(str(e).split())[:300]}") from e
-    sweep_time = time.perf_counter() - t0
-    if _interrupted(grid, st, sweep_time):
+    elapsed = time.perf_counter() - t0
+    if _interrupted(grid, plan.settings, elapsed):
         raise KeyboardInterrupt  # Tune saved the sweep: the same command resumes it
+    rows, curves, exportable = _collect(grid, plan)
+    trial_id, front = _select(rows, exportable, plan)
+    if not trial_id:
+        raise _no_winner(rows, plan, elapsed)
+    print(f"densiray: best trial {trial_id}: {plan.metric} = "
+          f"{next(r[plan.metric] for r in rows if r['trial_id'] == trial_id):.4f} of {len(rows)} trials")
+    stored = _export_winner(plan, exportable[trial_id], trial_id, rows, curves, front, elapsed, store, plot)
+    runs.finish(plan.path, plan.digest)
+    result = exportable[trial_id]
+    return {"name": plan.name, "kind": kind, "path": stored.path, "dataset": plan.task.dataset["name"],
+            "d": plan.task.dataset.get("d"), "trials": len(rows), "errored": sum(1 for r in rows if r["error"]),
+            "trial_id": trial_id, "config": _flat(result.config), "metrics": stored.manifest["metrics"],
+            "tune_time_s": round(elapsed, 2), "concurrent_trials": concurrent, "resumed": action == "resume",
+            "pareto": front, "plots": [f"{stored.path}/{f}" for f in ("report.png", "tune.png", "pareto.png")
+                                       if f in stored.manifest["files"]]}
 
 
-    rows, curves, best = [], {}, None
-    for r in grid:
-        m = r.metrics or {}
-        tid = m.get("trial_id") or Path(r.path or "").name
-        score = m.get(metric)
-        if not (isinstance(score, (int, float)) and math.isfinite(score)):
-            score = None  # e.g. no epoch reached a finite validation score
-        row = {"trial_id": tid, **_flat(r.config or {}), metric: score, "epochs": m.get("training_iteration"),
-               "best_epoch": m.get("best_epoch"), "error": " ".join(str(r.error).split())[:200] if r.error else None}
-        rows.append(row)
-        df = r.metrics_dataframe
-        if df is not None and task.metric in df:
-            curves[tid] = [float(v) for v in df[task.metric]]
-        ok = r.checkpoint is not None and score is not None
-        if ok and (best is None or (score > best[0] if task.mode == "max" else score < best[0])):
-            best = (score, r, tid)
-    if best is None:
-        errors = [row["error"] for row in rows if row["error"]]
-        budget = (f" within the time budget of {st.time_budget_s:g} s; raise --time-budget-s"
-                  if st.time_budget_s and sweep_time >= 0.95 * st.time_budget_s else "")
-        raise DensirayError(f"no trial of sweep {name!r} reached a finite {task.metric}{budget}"
-                            + (f"; first error: {errors[0]}" if errors else ""))
-    score, result, trial_id = best
-    print(f"densiray: best trial {trial_id}: {metric} = {score:.4f} of {len(rows)} trials")
+def _can_restore(path: str) -> bool:
+    from ray import tune as rtune
 
+    return rtune.Tuner.can_restore(path)
+
+
+def _export_winner(plan: Plan, result, trial_id: str, rows, curves, front, elapsed: float, store, plot: bool):
+    """The winning trial's best epoch (refitted on train+validation rows if asked), exported with the
+    sweep as its provenance."""
+    import ray
     from safetensors.torch import load_file
 
+    import densiray.api as api
+    from densiray.train.engine import TrainConfig
+
+    st = plan.settings
     with result.checkpoint.as_directory() as d:
         weights = load_file(os.path.join(d, "best.safetensors"))
-    winner = task.with_model(result.config.get("model", {}))
-    winner_tc = TrainConfig(**{**tc.model_dump(), **result.config.get("train", {})})
+    winner = plan.task.with_model(result.config.get("model", {}))
+    winner_tc = TrainConfig(**{**plan.train.model_dump(), **result.config.get("train", {})})
     model = winner.trained_model(weights)
     refit = None
     if st.refit:
-        winner, model, refit = _refit(winner, model, winner_tc, result.metrics.get("best_epoch"), name, runs)
-    provenance = {"sweep": path, "sweep_name": exp_name, "trial_id": trial_id, "config": _flat(result.config),
-                  "selected_by": f"{metric} ({task.mode})", "searcher": st.searcher,
-                  "scheduler": f"ASHA(grace_period={min(st.grace_period, st.epochs)}, reduction_factor={st.reduction_factor:g}, max_t={st.epochs})",
-                  "settings": st.model_dump(), "space": search, "trials": rows, "tune_time_s": round(sweep_time, 2),
-                  "best_epoch": result.metrics.get("best_epoch"), "ray_version": ray.__version__,
-                  "base_selection": winner.base_selection, "refit": refit}
+        winner, model, refit = _refit(winner, model, winner_tc, result.metrics.get("best_epoch"), plan.name,
+                                      api.runs_uri(store))
+    grace = min(st.grace_period, st.epochs)
+    provenance = {"sweep": plan.path, "sweep_name": Path(plan.path).name, "trial_id": trial_id,
+                  "config": _flat(result.config), "objectives": [list(o) for o in plan.objectives],
+                  "selected_by": f"{plan.metric} ({plan.objectives[0][1]})" + (
+                      f", then the Pareto front within {st.pareto_tolerance:g} of the best" if front else ""),
+                  "searcher": st.searcher,
+                  "scheduler": f"ASHA(grace_period={grace}, reduction_factor={st.reduction_factor:g}, max_t={st.epochs})",
+                  "settings": st.model_dump(), "space": plan.space, "trials": rows, "pareto": front,
+                  "tune_time_s": round(elapsed, 2), "best_epoch": result.metrics.get("best_epoch"),
+                  "ray_version": ray.__version__, "refit": refit, "history": _history(result)}
     extra = {"trials.csv": _csv(rows)}
     if plot:
-        png = winner.report_plot(model, _history(result), title=f"{name}: tuned {kind} on {task.dataset['name']}")
-        if png:
-            extra["report.png"] = png
-        from densiray.plots import trial_curves
+        from densiray.plots import pareto_plot, trial_curves
 
-        extra["tune.png"] = trial_curves(curves, trial_id, task.metric, title=f"{name}: {len(rows)} trials")
-    stored = winner.export(model, store=store, name=name, provenance=provenance, extra_files=extra,
-                           train_config=winner_tc.model_dump())
-    _write_marker(path, config_hash, done=True)
-    return {"name": name, "kind": kind, "path": stored.path, "dataset": task.dataset["name"], "d": dim,
-            "trials": len(rows), "errored": sum(1 for r in rows if r["error"]), "trial_id": trial_id,
-            "config": _flat(result.config), "metrics": stored.manifest["metrics"], "tune_time_s": round(sweep_time, 2),
-            "concurrent_trials": concurrent, "resumed": action == "resume",
-            "plots": [f"{stored.path}/{f}" for f in ("report.png", "tune.png") if f in extra]}
+        extra["tune.png"] = trial_curves(curves, trial_id, plan.task.metric, title=f"{plan.name}: {len(rows)} trials")
+        if front:
+            extra["pareto.csv"] = _csv(front)
+            extra["pareto.png"] = pareto_plot(rows, front, trial_id, plan.objectives, title=f"{plan.name}: Pareto front")
+    return api.export_trained(winner, weights, model=model, name=plan.name, store=store, provenance=provenance,
+                              train_config=winner_tc.model_dump(), plot=plot, extra_files=extra,
+                              title=f"{plan.name}: tuned {plan.kind} on {plan.task.dataset['name']}")
 
 
-def _refit(task, model, tc, best_epoch: int | None, name: str, runs: str):
+def _refit(task, model, tc, best_epoch: int | None, name: str, runs_path: str):
     """Retrain the winner on train+validation rows for ``best_epoch + 1`` epochs (no early stopping,
     the last epoch kept); returns the refit task, its model and a provenance record."""
-    import densiray.api as api
     from densiray.train.engine import fit
 
-    before = {k: model_metric for k, model_metric in task.metrics(model).items()
-              if k in ("test_log_lik", "test_log_lik_se", "val_log_lik")}
+    before = {k: v for k, v in task.metrics(model).items() if k.startswith(("test_", "val_"))
+              and isinstance(v, (int, float))}
     full = task.with_validation_rows()
     epochs = (best_epoch if isinstance(best_epoch, int) else -1) + 1
-    print(f"densiray: refitting the winner on {len(full.train_x)} train+validation rows for {epochs} epochs",
-          flush=True)
+    print(f"densiray: refitting the winner on its train+validation rows for {epochs} epochs", flush=True)
     t0 = time.perf_counter()
     if epochs == 0:  # the selected model was the initial one: the base mixture refitted on all rows
         refitted = full.trained_model(full.build_model().state_dict())
     else:
         rtc = tc.model_copy(update={"epochs": epochs, "patience": 0, "keep": "last"})
         run = f"refit-{name}"
-        api._run_marker(runs, run, "refit", restart=True)
-        refitted = full.trained_model(fit(full, rtc, name=run, storage=runs, progress=False).best_weights)
-    record = {"rows": len(full.train_x), "epochs": epochs, "time_s": round(time.perf_counter() - t0, 2),
+        runs.prepare(f"{runs_path}/{run}", "refit", restart=True, resumable=lambda: False)
+        refitted = full.trained_model(fit(full, rtc, name=run, storage=runs_path, progress=False).best_weights)
+    record = {"rows": "train+validation", "epochs": epochs, "time_s": round(time.perf_counter() - t0, 2),
               "before_refit": before}
     return full, refitted, record
 
