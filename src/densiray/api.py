@@ -145,6 +145,26 @@ def build_task(kind: str, spec: RunSpec):
         raise ConfigError(validation_message(e, "model")) from e
 
 
+def validate_sections(kind: str, spec: RunSpec, train_cls, train: dict | None = None):
+    """The run's engine settings (``train_cls``, the family's defaults under ``spec.train``, then ``train``),
+    with its ``train`` and ``model`` sections validated together: one ConfigError naming every bad field."""
+    from densiray import families
+
+    family = families.get(kind)
+    errors, tc = [], None
+    try:
+        tc = train_cls(**{**family.train_defaults, **spec.train, **(train or {})})
+    except ValidationError as e:
+        errors.append(validation_message(e, "train"))
+    try:
+        family.config_class()(**spec.model)
+    except ValidationError as e:
+        errors.append(validation_message(e, "model"))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return tc
+
+
 def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | dict | None = None,
           overrides: dict | None = None, name: str | None = None, store: str | None = None,
           restart: bool = False, plot: bool = True) -> dict:
@@ -153,14 +173,10 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     Everything is validated (config, data) before Ray starts. ``overrides`` = {"model": {...},
     "train": {...}} from the command line take precedence over the config file.
     """
-    from densiray import families
     from densiray.train.engine import TrainConfig, fit
 
     spec = _merge(load_spec(config), {"dataset": dataset, **(overrides or {})})
-    try:
-        tc = TrainConfig(**{**families.get(kind).train_defaults, **spec.train})
-    except ValidationError as e:
-        raise ConfigError(validation_message(e, "train")) from e
+    tc = validate_sections(kind, spec, TrainConfig)
     name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}")
     task = build_task(kind, spec)
     run_path = f"{runs_uri(store)}/{name}"

@@ -132,12 +132,8 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
     except ValidationError as e:
         raise ConfigError(api.validation_message(e, "tune")) from e
     name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}-tuned")
-    train = {**family.train_defaults, **spec.train, "workers": st.workers_per_trial,
-             "cpus_per_worker": st.cpus_per_trial, "epochs": st.epochs, "patience": st.patience}
-    try:
-        tc = TrainConfig(**train)
-    except ValidationError as e:
-        raise ConfigError(api.validation_message(e, "train")) from e
+    tc = api.validate_sections(kind, spec, TrainConfig, {"workers": st.workers_per_trial, "epochs": st.epochs,
+                                                         "cpus_per_worker": st.cpus_per_trial, "patience": st.patience})
     search = load_space(space) or spec.space
     if search is not None:  # before the data: nothing in a model config's validation depends on it
         validate_space(search, family.config_class(), TrainConfig, dict(spec.model), tc.model_dump())
