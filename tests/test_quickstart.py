@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 import densiray
 
 
@@ -14,6 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_quickstart_tunes_serves_queries_and_cleans_up(ray_cluster, store):
     port = _free_port()
     r = subprocess.run([sys.executable, "-m", "densiray.cli", "quickstart", "--trials", "2", "--epochs", "3",
@@ -26,7 +29,8 @@ def test_quickstart_tunes_serves_queries_and_cleans_up(ray_cluster, store):
         assert line in out, out
     assert "outlier flags for [a test row, a far point] = [False, True]" in out, out
     model = densiray.load_model("quickstart-moons", store=store)
-    assert model.metrics["integral"] == model.metrics["integral"]  # exported with its integral check
+    m = model.metrics  # exported with an independent check of its normalisation
+    assert abs(m["integral"] - 1) < 4 * m["integral_se"] + 0.02 and 0 < m["integral_se"] < 0.05
     # Serve was shut down: nothing listens on the port any more
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0

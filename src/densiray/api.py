@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from densiray import runs
+from densiray import console, runs
 from densiray.errors import ConfigError, DensirayError
 from densiray.runs import config_hash, runs_uri
 from densiray.store import check_name
@@ -99,11 +100,13 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": JOB_ENV}
+    # Without the workers' output on the console, Ray's own start-up lines stay off it too.
+    quiet = {} if log_to_driver else {"logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     else:
         # The dashboard (on 127.0.0.1) serves the state API that Ray Train's cleanup thread polls.
-        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
 
 
 def _check_resources(tc) -> None:
@@ -167,7 +170,7 @@ def validate_sections(kind: str, spec: RunSpec, train_cls, train: dict | None = 
 
 def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | dict | None = None,
           overrides: dict | None = None, name: str | None = None, store: str | None = None,
-          restart: bool = False, plot: bool = True) -> dict:
+          restart: bool = False, plot: bool = True, verbose: bool = False) -> dict:
     """Train a model of family ``kind`` and export its best epoch to the store; returns a summary.
 
     Everything is validated (config, data) before Ray starts. ``overrides`` = {"model": {...},
@@ -181,19 +184,21 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     task = build_task(kind, spec)
     run_path = f"{runs_uri(store)}/{name}"
     digest = config_hash({**task.describe(), "train": tc.model_dump()})
-    ensure_ray()
+    console.quiet_env(verbose)
+    ensure_ray(log_to_driver=verbose)
     _check_resources(tc)
     action = runs.prepare(run_path, digest, restart, lambda: runs.has_checkpoint(run_path))
     if action == "resume":
         print(f"densiray: resuming unfinished run {name!r} from its latest checkpoint")
     t0 = time.perf_counter()
-    try:
-        result = fit(task, tc, name=name, storage=runs_uri(store))
-    except DensirayError:
-        raise
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("^")]
-        raise DensirayError(f"training failed: {lines[-1] if lines else type(e).__name__}") from e
+    with console.logs_to(f"{run_path}/densiray.log" if "://" not in run_path else None, verbose) as log:
+        try:
+            result = fit(task, tc, name=name, storage=runs_uri(store))
+        except DensirayError:
+            raise
+        except Exception as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("^")]
+            raise DensirayError(f"training failed: {lines[-1] if lines else type(e).__name__}") from e
     train_time = time.perf_counter() - t0
     runs.finish(run_path, digest)
 
@@ -211,7 +216,7 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
             "metrics": manifest["metrics"], "best_epoch": provenance["best_epoch"],
             "epochs_run": provenance["epochs_run"], "train_time_s": provenance["train_time_s"],
             "plot": f"{path}/report.png" if "report.png" in manifest["files"] else None,
-            "resumed": action == "resume"}
+            "resumed": action == "resume", "log": str(log) if log else None}
 
 
 def export_trained(task, weights: dict, *, name: str, store: str | None, provenance: dict, train_config: dict,

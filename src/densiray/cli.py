@@ -33,6 +33,8 @@ def print_summary(s: dict) -> None:
     _print_metrics(s["kind"], s["metrics"])
     if s.get("plot"):
         print(f"plot       {s['plot']}")
+    if s.get("log"):
+        print(f"log        {s['log']}  (Ray's own lines; --verbose shows them here)")
 
 
 def _family_overrides(args) -> dict:
@@ -51,7 +53,7 @@ def _train(args) -> int:
     # With --json, stdout carries the JSON alone: progress and worker logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = api.train(args.family, args.dataset, config=args.config, overrides=overrides, name=args.name,
-                            store=args.store, restart=args.restart)
+                            store=args.store, restart=args.restart, verbose=args.verbose)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -72,6 +74,8 @@ def print_sweep(s: dict) -> None:
     _print_metrics(s["kind"], s["metrics"])
     for p in s.get("plots", []):
         print(f"plot       {p}")
+    if s.get("log"):
+        print(f"log        {s['log']}  (Ray's and Tune's own lines; --verbose shows them here)")
 
 
 def _tune(args) -> int:
@@ -83,7 +87,7 @@ def _tune(args) -> int:
                 "seed": args.seed, "refit": args.refit}
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = tune(args.family, args.dataset, config=args.config, space=args.space, settings=settings,
-                       name=args.name, store=args.store, restart=args.restart)
+                       name=args.name, store=args.store, restart=args.restart, verbose=args.verbose)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
@@ -203,6 +207,7 @@ def _train_parser(sub) -> None:
         f.add_argument("--store", help=STORE_HELP)
         f.add_argument("--restart", action="store_true", help="discard an unfinished run of the same name")
         f.add_argument("--json", action="store_true", help="print the summary as JSON")
+        f.add_argument("--verbose", action="store_true", help="show Ray's own log lines (else: densiray.log)")
         if fam.flags:
             g = f.add_argument_group(kind, f"{kind} options (the model section of the config)")
             for key, kwargs in fam.flags.items():
@@ -232,6 +237,7 @@ def _tune_parser(sub) -> None:
     u.add_argument("--store", help=STORE_HELP)
     u.add_argument("--restart", action="store_true", help="discard an unfinished sweep of the same name")
     u.add_argument("--json", action="store_true", help="print the summary as JSON")
+    u.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own output (else: densiray.log)")
     u.set_defaults(func=_tune)
 
 

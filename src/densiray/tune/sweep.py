@@ -149,11 +149,13 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
                 digest=digest, path=f"{api.runs_uri(store)}/tune-{name}")
 
 
-def _tuner(plan: Plan, action: str):
+def _tuner(plan: Plan, action: str, verbose: bool = False):
     """A new Tuner (Optuna TPE, multi-objective where the family has several objectives, and ASHA on the
     selection metric), or the interrupted one restored."""
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
+
+    from densiray.console import trial_view
 
     st = plan.settings
     resources, concurrent = _concurrency(st)
@@ -164,6 +166,8 @@ def _tuner(plan: Plan, action: str):
         print(f"densiray: resuming unfinished sweep {plan.name!r}")
         return rtune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=True), \
             concurrent
+    callbacks = [] if verbose else [trial_view(plan.metric, plan.objectives[0][1], st.trials, st.epochs,
+                                               st.time_budget_s)]
     multi = len(plan.objectives) > 1
     search_alg = None
     if st.searcher == "optuna":
@@ -183,7 +187,8 @@ def _tuner(plan: Plan, action: str):
                                     grace_period=min(st.grace_period, st.epochs), reduction_factor=st.reduction_factor),
         ),
         run_config=rtune.RunConfig(
-            name=Path(plan.path).name, storage_path=plan.path.rsplit("/", 1)[0], verbose=1,
+            name=Path(plan.path).name, storage_path=plan.path.rsplit("/", 1)[0], verbose=1 if verbose else 0,
+            callbacks=callbacks,
             checkpoint_config=rtune.CheckpointConfig(num_to_keep=1),
             failure_config=rtune.FailureConfig(max_failures=1),
         ),
@@ -268,7 +273,8 @@ def _no_winner(rows: list[dict], plan: Plan, elapsed: float) -> DensirayError:
 
 def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | dict | None = None,
          space: str | os.PathLike | dict | None = None, settings: dict | None = None, overrides: dict | None = None,
-         name: str | None = None, store: str | None = None, restart: bool = False, plot: bool = True) -> dict:
+         name: str | None = None, store: str | None = None, restart: bool = False, plot: bool = True,
+         verbose: bool = False) -> dict:
     """Sweep ``kind`` on ``dataset``, export the best trial to the store; returns a summary.
 
     ``config`` is a run config (YAML or dict) whose optional ``tune`` and ``space`` sections hold
@@ -276,21 +282,28 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     Everything is validated before Ray starts. A family with several objectives (``Family.objectives``)
     gets a multi-objective search; its Pareto front is written beside the winner (``pareto.csv``,
     ``pareto.png``).
+
+    The console shows one live line (trials done/running/stopped, the best so far, time left); Ray's and
+    Tune's own lines go to ``densiray.log`` in the sweep's folder (``verbose`` shows them instead).
     """
     import densiray.api as api
+    from densiray import console
 
     spec = api._merge(api.load_spec(config), {"dataset": dataset, **(overrides or {})})
     plan = _plan(kind, spec, settings, space, name, store)
-    api.ensure_ray()
     action = runs.prepare(plan.path, plan.digest, restart, lambda: _can_restore(plan.path), what="sweep")
-    tuner, concurrent = _tuner(plan, action)
-    t0 = time.perf_counter()
-    try:
-        grid = tuner.fit()
-    except DensirayError:
-        raise
-    except Exception as e:
-        raise DensirayError(f"the sweep failed: {' '.join(str(e).split())[:300]}") from e
+    log_file = f"{plan.path}/densiray.log" if "://" not in plan.path else None
+    console.quiet_env(verbose)
+    with console.logs_to(log_file, verbose) as log:
+        api.ensure_ray(log_to_driver=verbose)
+        tuner, concurrent = _tuner(plan, action, verbose)
+        t0 = time.perf_counter()
+        try:
+            grid = tuner.fit()
+        except DensirayError:
+            raise
+        except Exception as e:
+            raise DensirayError(f"the sweep failed: {' '.join(str(e).split())[:300]}") from e
     elapsed = time.perf_counter() - t0
     if _interrupted(grid, plan.settings, elapsed):
         raise KeyboardInterrupt  # Tune saved the sweep: the same command resumes it
@@ -307,7 +320,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
             "d": plan.task.dataset.get("d"), "trials": len(rows), "errored": sum(1 for r in rows if r["error"]),
             "trial_id": trial_id, "config": _flat(result.config), "metrics": stored.manifest["metrics"],
             "tune_time_s": round(elapsed, 2), "concurrent_trials": concurrent, "resumed": action == "resume",
-            "pareto": front, "plots": [f"{stored.path}/{f}" for f in ("report.png", "tune.png", "pareto.png")
+            "pareto": front, "log": str(log) if log else None, "plots": [f"{stored.path}/{f}" for f in ("report.png", "tune.png", "pareto.png")
                                        if f in stored.manifest["files"]]}
 
 

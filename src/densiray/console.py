@@ -1,0 +1,176 @@
+"""What a person sees while densiray works: one compact live view, everything else in a log file.
+
+``densiray train``, ``tune`` and ``quickstart`` print a single status line that rewrites itself in a
+terminal (epochs and the metric for a run; trials done/running/stopped, the best so far and the time
+left for a sweep) and plain lines, one per event, when the output is a file. Ray's, Tune's and Serve's
+own log lines go to ``densiray.log`` in the run folder, named at the end; ``--verbose`` shows them
+instead (and Tune's tables).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+# Loggers whose lines belong in the log file, not on the console.
+NOISY = ("ray", "ray.tune", "ray.train", "ray.serve", "ray.data", "deepspeed", "DeepSpeed", "filelock", "torch",
+         "transformers", "peft", "optuna")
+
+
+class Live:
+    """One status line: rewritten in place on a terminal; on a file, a plain line only when ``final`` or when
+    the text changed and ``every_s`` passed (so a log is not flooded)."""
+
+    def __init__(self, stream=None, every_s: float = 30.0):
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every_s = every_s
+        self._last, self._last_t, self._width = "", 0.0, 0
+
+    def update(self, text: str, final: bool = False) -> None:
+        if self.tty:
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad + ("\n" if final else ""))
+            self._width = 0 if final else len(text)
+            self.stream.flush()
+        elif final or (text != self._last and time.monotonic() - self._last_t >= self.every_s):
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self._last_t = time.monotonic()
+        self._last = text
+
+    def print(self, text: str) -> None:
+        """A permanent line above the live one."""
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        if self.tty and self._last:
+            self.update(self._last)
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+@contextlib.contextmanager
+def logs_to(log_file: str | os.PathLike | None, verbose: bool = False):
+    """Within the block, Ray's, Tune's, Serve's and the libraries' log lines go to ``log_file`` instead of
+    the console (restored afterwards); yields the file, or None with ``verbose`` or no file (nothing changes)."""
+    if verbose or log_file is None:
+        yield None
+        return
+    path = Path(log_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in NOISY:
+        logger = logging.getLogger(name)
+        streams = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        saved.append((logger, streams, logger.propagate))
+        for h in streams:
+            logger.removeHandler(h)
+        logger.addHandler(handler)
+        logger.propagate = False
+    try:
+        yield path
+    finally:
+        for logger, streams, propagate in saved:
+            logger.removeHandler(handler)
+            for h in streams:
+                logger.addHandler(h)
+            logger.propagate = propagate
+        handler.close()
+
+
+def quiet_env(verbose: bool) -> None:
+    """Before Ray starts: keep Ray's start-up banner and worker INFO lines off the console."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+class EpochView:
+    """The live line of a training run: ``epoch 12/100  val_log_lik -1.1203  best -1.1190 (epoch 10)  3.1 s/epoch``."""
+
+    def __init__(self, metric: str, epochs: int, live: Live | None = None):
+        self.metric, self.epochs, self.live = metric, epochs, live or Live()
+        self.t0 = time.monotonic()
+
+    def __call__(self, m: dict) -> None:
+        epoch = int(m.get("epoch", 0)) + 1
+        per = (time.monotonic() - self.t0) / max(epoch - int(m.get("resumed_from_epoch", 0) or 0), 1)
+        best = m.get(f"best_{self.metric}")
+        text = (f"epoch {epoch}/{self.epochs}  {self.metric} {_fmt(m.get(self.metric))}  "
+                f"best {_fmt(best)} (epoch {m.get('best_epoch')})  {per:.1f} s/epoch")
+        self.live.update(text, final=not self.live.tty and epoch % 10 == 0)
+
+    def close(self) -> None:
+        self.live.close()
+
+
+def trial_view(metric: str, mode: str, trials: int, max_epochs: int, time_budget_s: float | None,
+               live: Live | None = None):
+    """A Ray Tune callback drawing the sweep's live line: done / running / stopped early (by ASHA or by
+    patience, before ``max_epochs``) / failed, the best score so far and the time left; on a file, a
+    line per finished trial."""
+    from ray.tune import Callback
+
+    live = live or Live()
+
+    class TrialView(Callback):
+        def __init__(self):
+            self.t0, self.running, self.done, self.stopped, self.failed = time.monotonic(), set(), 0, 0, 0
+            self.best: tuple[float, str] | None = None
+            self.epochs: dict[str, int] = {}
+
+        def _line(self, final: bool = False) -> None:
+            best = f"best {metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"best {metric} -"
+            left = ""
+            if time_budget_s:
+                left = f"  {max(0.0, time_budget_s - (time.monotonic() - self.t0)):.0f} s left"
+            live.update(f"sweep  {self.done + self.failed}/{trials} done ({self.stopped} stopped early, "
+                        f"{self.failed} failed), {len(self.running)} running  {best}{left}", final=final)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._line()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.epochs[trial.trial_id] = int(result.get("training_iteration", 0))
+            score = result.get(metric)
+            if isinstance(score, (int, float)) and score == score:
+                if self.best is None or (score > self.best[0] if mode == "max" else score < self.best[0]):
+                    self.best = (float(score), trial.trial_id)
+            self._line()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            self.done += 1
+            self.stopped += self.epochs.get(trial.trial_id, 0) < max_epochs
+            self._line(final=not live.tty)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            self.failed += 1
+            self._line(final=not live.tty)
+
+        def on_experiment_end(self, trials, **info):
+            self._line(final=True)
+
+    return TrialView()
