@@ -88,10 +88,11 @@ def test_interrupted_sweep_resumes_and_keeps_finished_trials(ray_cluster, store,
     (["--space", "SPACE:model.hidden: {choice: []}"], "choice needs a non-empty list"),
     (["--space", "SPACE:train.lr: {loguniform: [0, 0.1]}"], "loguniform needs low > 0"),
     (["--space", "SPACE:model.depth: {randint: [1, 99]}"], "model.depth: value 99 is invalid"),
-    (["--space", "SPACE:model.hidden: {normal: [1, 2]}"], "expected one of {choice, uniform, loguniform, randint}"),
+    (["--space", "SPACE:model.hidden: {normal: [1, 2]}"], "expected one of {choice, uniform, loguniform, randint, grid}"),
     (["--space", "SPACE:train.workers: {choice: [1, 2]}"], "set for the whole sweep"),
     (["--space", "SPACE:[1, 2]"], "must be a mapping"),
     (["--space", "no-such-space.yaml"], "no such search-space file"),
+    (["--space", "SPACE:model.hidden: {grid: [8, 16]}"], "needs --searcher random"),
 ])
 def test_bad_search_space_or_budget_gives_one_line(tmp_path, capsys, monkeypatch, args, message):
     """In-process through the command's main(); every case fails before Ray is touched."""

@@ -101,7 +101,7 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
         return
     runtime_env = {"env_vars": JOB_ENV}
     # Without the workers' output on the console, Ray's own start-up lines stay off it too.
-    quiet = {} if log_to_driver else {"logging_level": logging.WARNING}
+    quiet = {} if log_to_driver else {"logging_level": logging.WARNING, "configure_logging": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     else:
@@ -185,13 +185,13 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     run_path = f"{runs_uri(store)}/{name}"
     digest = config_hash({**task.describe(), "train": tc.model_dump()})
     console.quiet_env(verbose)
-    ensure_ray(log_to_driver=verbose)
-    _check_resources(tc)
     action = runs.prepare(run_path, digest, restart, lambda: runs.has_checkpoint(run_path))
     if action == "resume":
         print(f"densiray: resuming unfinished run {name!r} from its latest checkpoint")
     t0 = time.perf_counter()
     with console.logs_to(f"{run_path}/densiray.log" if "://" not in run_path else None, verbose) as log:
+        ensure_ray(log_to_driver=verbose)
+        _check_resources(tc)
         try:
             result = fit(task, tc, name=name, storage=runs_uri(store))
         except DensirayError:

@@ -95,10 +95,14 @@ def quiet_env(verbose: bool) -> None:
     """Before Ray starts: keep Ray's start-up banner and worker INFO lines off the console."""
     if verbose:
         return
-    os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0 (no boxes, no tables)
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
 
 
 def _fmt(v) -> str:
@@ -140,7 +144,8 @@ def trial_view(metric: str, mode: str, trials: int, max_epochs: int, time_budget
             self.epochs: dict[str, int] = {}
 
         def _line(self, final: bool = False) -> None:
-            best = f"best {metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"best {metric} -"
+            shown = metric.removeprefix("best_")
+            best = f"best {shown} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"best {shown} -"
             left = ""
             if time_budget_s:
                 left = f"  {max(0.0, time_budget_s - (time.monotonic() - self.t0)):.0f} s left"

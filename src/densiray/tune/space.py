@@ -7,6 +7,7 @@ A space maps ``model.<setting>`` or ``train.<setting>`` to a distribution or a f
     train.lr: {loguniform: [0.0003, 0.01]}
     train.weight_decay: {uniform: [0, 0.01]}
     model.activation: silu                  # fixed
+    model.density_weight: {grid: [0, 0.1, 1]}  # every value, once per trial count (searcher: random)
 
 Every value a distribution can produce is checked against the family's config model (and
 ``TrainConfig``) up front, so a bad space fails with one line before Ray starts.
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from densiray.errors import ConfigError
 
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 # engine settings a sweep must not vary: they decide where and how trials run, not the model
 FIXED_TRAIN = {"workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every", "epochs", "patience"}
 
@@ -29,7 +30,7 @@ FIXED_TRAIN = {"workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpo
 def _values(spec: dict, key: str) -> list:
     """Representative values a distribution produces (its ends or every choice), for validation."""
     (dist, args), = spec.items()
-    if dist == "choice":
+    if dist in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(f"space {key}: choice needs a non-empty list, got {args!r}")
         return args
@@ -88,7 +89,7 @@ def to_tune(space: dict[str, Any]) -> dict[str, dict]:
         section, _, field = key.partition(".")
         if isinstance(spec, dict):
             (dist, args), = spec.items()
-            value = {"choice": lambda a: tune.choice(a), "uniform": lambda a: tune.uniform(*a),
+            value = {"choice": lambda a: tune.choice(a), "grid": lambda a: tune.grid_search(a), "uniform": lambda a: tune.uniform(*a),
                      "loguniform": lambda a: tune.loguniform(*a),
                      "randint": lambda a: tune.randint(int(a[0]), int(a[1]) + 1)}[dist](args)
         else:

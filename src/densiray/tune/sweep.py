@@ -141,6 +141,8 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
     search = search or family.space(task)
     if search is None:
         raise ConfigError(f"{kind} has no default search space; pass one with --space FILE.yaml")
+    if st.searcher == "optuna" and any(isinstance(v, dict) and "grid" in v for v in search.values()):
+        raise ConfigError("a grid in the search space needs --searcher random (Optuna samples, it does not enumerate)")
     task.warm(search)
     objectives = [(f"best_{task.metric}", task.mode), *family.objectives]
     digest = runs.config_hash({"task": task.describe(), "train": tc.model_dump(), "space": search,
