@@ -240,8 +240,8 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     provenance = {"run_name": name, "run_path": result.run_path, "checkpoint": result.checkpoint_path,
                   f"initial_{task.metric}": result.state.get("initial"), "best_epoch": result.state["best_epoch"],
                   "epochs_run": result.state["epoch"], "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
-                  "workers": tc.workers, "zero_stage": tc.zero_stage,
-                  "history": result.state.get("history", [])}
+                  "workers": tc.workers, "strategy": result.strategy, "zero_stage": result.zero_stage,
+                  "rank_nodes": result.nodes, "history": result.state.get("history", [])}
     model = task.trained_model(result.best_weights)
     extra = {}
     png = task.report_plot(model, provenance["history"], title=f"{name}: {kind} on {task.dataset['name']}") if plot else None
