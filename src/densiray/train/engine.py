@@ -391,6 +391,7 @@ class LoopState:
     nodes: list | None = None  # Ray node id of each rank (this segment of the run)
     ema_updates: int = 0
     resumed_from: int = 0  # the epoch this segment of the run started at
+    first_step_time: float | None = None  # wall-clock time (time.time()) when the first optimizer step ended
 
 
 @dataclass
@@ -575,7 +576,8 @@ def _run_epoch(run: _Run, state: LoopState) -> dict[str, float]:
     task, engine, k = run.task, run.engine, run.tc.grad_accum_steps
     engine.train()
     sums: dict[str, float] = {}
-    count = 0
+    count = rows = 0
+    t0 = time.perf_counter()
     batches = iter(task.batches(state.epoch, run.rank, run.world, run.micro))
     for _ in range(run.steps_per_epoch):
         for micro_step in range(k):
@@ -589,13 +591,37 @@ def _run_epoch(run: _Run, state: LoopState) -> dict[str, float]:
             engine.backward(loss)
             engine.step()
             count += 1
+            rows += _rows(batch)
             for key, v in {"loss": loss.detach().item(), **batch_metrics}.items():
                 sums[key] = sums.get(key, 0.0) + v
         state.step += 1
         if run.ema is not None:
             _ema_update(run)
             state.ema_updates += 1
-    return reduce_metrics({f"train_{key}": v / max(count, 1) for key, v in sums.items()}, run.device)
+        if state.first_step_time is None:
+            state.first_step_time = time.time()
+    seconds = time.perf_counter() - t0
+    out = reduce_metrics({**{f"train_{key}": v / max(count, 1) for key, v in sums.items()},
+                          "train_time_s": seconds, "train_samples": float(rows)}, run.device)
+    out["train_samples"] *= run.world  # rows of all ranks
+    return out
+
+
+def _rows(batch) -> int:
+    """Rows in a batch (the first dimension of its first tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    return next((_rows(v) for v in values if isinstance(v, (torch.Tensor, dict, list, tuple))), 0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: allocated GPU memory, or the peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _validate(run: _Run, state: LoopState, train_metrics: dict, seconds: float) -> dict:
@@ -618,7 +644,8 @@ def _validate(run: _Run, state: LoopState, train_metrics: dict, seconds: float) 
     lr = [g["lr"] for g in _optimizer(run.engine).param_groups][0]
     metrics = {"epoch": epoch, **train_metrics, **val, "best_epoch": state.best_epoch,
                f"best_{task.metric}": state.best if state.best is not None else float("nan"),
-               "lr": lr, "epoch_time_s": seconds, "resumed_from_epoch": state.resumed_from}
+               "lr": lr, "epoch_time_s": seconds, "peak_memory_mb": peak_memory_mb(run.device),
+               "resumed_from_epoch": state.resumed_from}
     state.history.append({key: v for key, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
