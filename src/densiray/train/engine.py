@@ -241,8 +241,10 @@ class DDPEngine:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # find_unused_parameters: a family may leave parameters out of a step (a diagonal mixture's
+            # Cholesky factor, a sub-network a nested model did not pick this step), as DeepSpeed allows
             self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+                                               broadcast_buffers=False, find_unused_parameters=True)
         wrapped = self.ddp if self.ddp is not None else model
         self.forward = torch.compile(wrapped) if compile else wrapped
         self.params = [p for p in model.parameters() if p.requires_grad]
