@@ -279,6 +279,9 @@ def run_benchmark(*, repeats: int = 3, only: list[str] | None = None, scale: flo
         doc["cases"].append(entry)
         if out:
             write_results(doc, out)
+    import os
+
+    doc["machine"]["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     if out:
         write_results(doc, out)
     return doc
@@ -288,7 +291,8 @@ def machine() -> dict:
     import os
 
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+            "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "load_average_at_start": [round(x, 1) for x in os.getloadavg()]}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -317,7 +321,9 @@ def write_results(doc: dict, out: str) -> None:
     m = doc["machine"]
     lines = ["# Engine against plain PyTorch: same Task, data and optimizer steps", "",
              f"Machine: {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs visible; {m['platform']}), torch {m['torch']}, "
-             f"Ray {m['ray']}, DeepSpeed {m['deepspeed']}. {doc['repeats']} interleaved repeats, medians. "
+             f"Ray {m['ray']}, DeepSpeed {m['deepspeed']}; load average (1/5/15 min) {m.get('load_average_at_start')} at "
+             f"the start, {m.get('load_average_at_end')} at the end (a shared machine). {doc['repeats']} interleaved "
+             "repeats, medians. "
              "Plain = the hand-written baseline loop (`densiray.bench.engine.plain_pytorch_baseline`) in a fresh "
              "Ray worker process; engine = `densiray.train.engine.fit` with one Ray Train worker. samples/s count "
              "training steps only; first step = from the driver's call to the end of the first optimizer step; "

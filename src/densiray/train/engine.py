@@ -56,6 +56,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -140,10 +141,11 @@ def choose_strategy(tc: TrainConfig, trainable: int, frozen: int, device_bytes: 
     if tc.zero_stage:
         return "deepspeed", tc.zero_stage, f"zero_stage {tc.zero_stage} set in the config"
     need = BYTES_PER_TRAINABLE * trainable + BYTES_PER_FROZEN * frozen
-    what = f"weights and AdamW state ~{need / 2**30:.2f} GiB, {MEMORY_FRACTION:.0%} of a device {device_bytes / 2**30:.1f} GiB"
+    what = (f"weights, gradients and AdamW state ~{need / 2**30:.2f} GiB against {MEMORY_FRACTION:.0%} of "
+            f"{device_bytes / 2**30:.1f} GiB per device")
     if need > MEMORY_FRACTION * device_bytes:
-        return "deepspeed", 3, f"{what}: does not fit, ZeRO-3 partitions it"
-    return "ddp", None, f"{what}: fits"
+        return "deepspeed", 3, f"{what}: does not fit, ZeRO-3 partitions them"
+    return "ddp", None, f"{what}: fits, plain PyTorch"
 
 
 def device_memory(device: torch.device) -> int:
@@ -493,8 +495,7 @@ def _setup(config: dict) -> _Run:
     bf16 = _bf16(tc, task, on_gpu)
     ema = _make_ema(task, tc, device) if tc.ema_decay is not None else None
     if strategy == "deepspeed":
-        import deepspeed
-
+        deepspeed = _deepspeed(on_gpu)
         optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, tc, tc.epochs * steps_per_epoch),
@@ -824,33 +825,46 @@ def _free_port() -> int:
 def _init_distributed(on_gpu: bool) -> bool:
     """Ray Train has set up the process group; in local mode (no Ray workers) make a world of one.
 
+    Plain ``torch.distributed`` (DeepSpeed, imported only when the run uses it, adopts the group).
     Returns whether this call created the group (the run then destroys it at the end)."""
-    import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
-                                   verbose=False)  # DeepSpeed adopts the existing group
         return False
-    from deepspeed.utils import groups
-
-    groups._release_process_group_references(group=None)  # groups cached on a destroyed world
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    if "deepspeed.utils.groups" in sys.modules:  # groups DeepSpeed cached on a destroyed world
+        sys.modules["deepspeed.utils.groups"]._release_process_group_references(group=None)
+    port = _free_port()
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
-                               verbose=False, rank=0, world_size=1)
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
 
 
+def _deepspeed(on_gpu: bool):
+    """DeepSpeed, quiet, with its communication backend on the existing process group."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+    return deepspeed
+
+
 def _destroy_distributed() -> None:
+    """Destroy the default process group, through DeepSpeed where it has used it (which also releases
+    the groups DeepSpeed cached on it)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
-    import deepspeed.comm
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and getattr(comm, "cdb", None) is not None:
+        import deepspeed.comm
 
-    deepspeed.comm.destroy_process_group()  # also releases DeepSpeed's cached groups
+        deepspeed.comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def _quiet_worker(on_gpu: bool) -> None:
@@ -859,9 +873,10 @@ def _quiet_worker(on_gpu: bool) -> None:
 
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils import logger as ds_logger
+    if "deepspeed" in sys.modules:
+        from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel(logging.WARNING)
+        ds_logger.setLevel(logging.WARNING)
     import ray.train.v2._internal.execution.context  # noqa: F401  (its logger announces every report)
 
     for name in list(logging.root.manager.loggerDict):  # some Ray Train loggers are named by file path
