@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from densiray.bench.engine import run_benchmark, write_results
 
     only = [c for c in args.cases.split(",") if c] or None
-    doc = run_benchmark(repeats=args.repeats, only=only, scale=args.scale, out=None)
-    doc["command"] = "python jobs/bench_engine.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python jobs/bench_engine.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    doc = run_benchmark(repeats=args.repeats, only=only, scale=args.scale, out=args.out, command=command)
     write_results(doc, args.out)
     for case in doc["cases"]:
         ratio = "skipped" if case.get("skipped") else f"{case['ratio']:.2f}x plain"

@@ -240,7 +240,7 @@ def _median(runs: list[dict], key: str) -> float | None:
 
 
 def run_benchmark(*, repeats: int = 3, only: list[str] | None = None, scale: float = 1.0,
-                  out: str | None = None, log=print) -> dict:
+                  out: str | None = None, command: str | None = None, log=print) -> dict:
     """Run every case that this machine can (GPU cases need a GPU); returns the results document."""
     import ray
 
@@ -249,10 +249,10 @@ def run_benchmark(*, repeats: int = 3, only: list[str] | None = None, scale: flo
     ensure_ray(log_to_driver=False)
     have_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     storage = tempfile.mkdtemp(prefix="densiray-bench-engine-")
-    doc = {"machine": machine(), "repeats": repeats, "interleaved": True, "cases": []}
+    doc = {"machine": machine(), "repeats": repeats, "interleaved": True, "command": command, "cases": []}
     for case in cases(scale):
-        if only and case.name not in only:
-            continue
+        if only and case.name not in only and (have_gpu or case.device != "gpu"):
+            continue  # (GPU cases are still listed as skipped where there is no GPU)
         entry = {"name": case.name, "device": case.device, "note": case.note, "train": case.train,
                  "engine_train": case.engine_train}
         if case.device == "gpu" and not have_gpu:
@@ -268,14 +268,9 @@ def run_benchmark(*, repeats: int = 3, only: list[str] | None = None, scale: flo
             engine.append(_run_engine(case, task, storage))
             log(f"{case.name} repeat {r + 1}/{repeats}: plain {plain[-1]['samples_per_s']:.1f} samples/s, "
                 f"engine {engine[-1]['samples_per_s']:.1f} samples/s ({engine[-1]['strategy']})")
-        p, e = _median(plain, "samples_per_s"), _median(engine, "samples_per_s")
-        entry.update(plain_samples_per_s=p, engine_samples_per_s=e, ratio=e / p, strategy=engine[-1]["strategy"],
-                     zero_stage=engine[-1]["zero_stage"], steps=engine[-1]["steps"],
-                     plain_first_step_s=_median(plain, "first_step_s"), engine_first_step_s=_median(engine, "first_step_s"),
-                     plain_peak_memory_mb=_median(plain, "peak_memory_mb"),
-                     engine_peak_memory_mb=_median(engine, "peak_memory_mb"),
-                     plain_wall_s=_median(plain, "wall_s"), engine_wall_s=_median(engine, "wall_s"),
-                     runs={"plain": plain, "engine": engine})
+            _summarise(entry, plain, engine)
+            if out:  # a run cut short keeps the repeats that finished
+                write_results({**doc, "cases": doc["cases"] + [entry]}, out)
         doc["cases"].append(entry)
         if out:
             write_results(doc, out)
@@ -285,6 +280,18 @@ def run_benchmark(*, repeats: int = 3, only: list[str] | None = None, scale: flo
     if out:
         write_results(doc, out)
     return doc
+
+
+def _summarise(entry: dict, plain: list[dict], engine: list[dict]) -> None:
+    """Medians over the repeats so far into ``entry``."""
+    p, e = _median(plain, "samples_per_s"), _median(engine, "samples_per_s")
+    entry.update(repeats_done=len(engine), plain_samples_per_s=p, engine_samples_per_s=e, ratio=e / p,
+                 strategy=engine[-1]["strategy"], zero_stage=engine[-1]["zero_stage"], steps=engine[-1]["steps"],
+                 plain_first_step_s=_median(plain, "first_step_s"), engine_first_step_s=_median(engine, "first_step_s"),
+                 plain_peak_memory_mb=_median(plain, "peak_memory_mb"),
+                 engine_peak_memory_mb=_median(engine, "peak_memory_mb"),
+                 plain_wall_s=_median(plain, "wall_s"), engine_wall_s=_median(engine, "wall_s"),
+                 runs={"plain": plain, "engine": engine})
 
 
 def machine() -> dict:
@@ -328,15 +335,16 @@ def write_results(doc: dict, out: str) -> None:
              "Ray worker process; engine = `densiray.train.engine.fit` with one Ray Train worker. samples/s count "
              "training steps only; first step = from the driver's call to the end of the first optimizer step; "
              "memory = the training process's peak (RSS on CPU, allocated on GPU).", "",
-             "| case | device | engine strategy | steps | plain samples/s | engine samples/s | ratio | "
+             "| case | device | engine strategy | steps | repeats | plain samples/s | engine samples/s | ratio | "
              "first step plain / engine (s) | peak MB plain / engine |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in doc["cases"]:
         if c.get("skipped"):
-            lines.append(f"| {c['name']} | {c['device']} | - | - | - | - | - | - | skipped: {c['skipped']} |")
+            lines.append(f"| {c['name']} | {c['device']} | - | - | - | - | - | - | - | skipped: {c['skipped']} |")
             continue
         strategy = c["strategy"] + (f" (ZeRO-{c['zero_stage']})" if c.get("zero_stage") is not None else "")
-        lines.append(f"| {c['name']} | {c['device']} | {strategy} | {c['steps']} | {_fmt(c['plain_samples_per_s'])} | "
+        lines.append(f"| {c['name']} | {c['device']} | {strategy} | {c['steps']} | {c['repeats_done']} | "
+                     f"{_fmt(c['plain_samples_per_s'])} | "
                      f"{_fmt(c['engine_samples_per_s'])} | {c['ratio']:.2f} | {_fmt(c['plain_first_step_s'])} / "
                      f"{_fmt(c['engine_first_step_s'])} | {_fmt(c['plain_peak_memory_mb'], 0)} / "
                      f"{_fmt(c['engine_peak_memory_mb'], 0)} |")
