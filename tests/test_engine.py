@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import densiray
 from densiray.api import RunSpec, build_task, runs_uri
 from densiray.train.engine import TrainConfig, fit
+from safetensors.torch import load_file
 
 SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
 
@@ -79,18 +81,41 @@ def test_samples_match_the_exported_model(moons_run):
     assert abs(lps.mean() - (w * lp).sum()) < 4 * lps.std() / np.sqrt(len(lps))
 
 
-def test_zero3_and_in_process_mode(ray_cluster, store):
-    """ZeRO-3 gathers partitioned weights for the best state; workers=0 runs without Ray workers."""
-    for workers, stage in [(2, 3), (0, 0)]:
+@pytest.mark.slow
+def test_zero3_with_ema_ddp_with_accumulation_and_in_process_mode(ray_cluster, store):
+    """ZeRO-3 gathers partitioned weights for the best state and for the EMA; two DDP workers accumulate
+    gradients over micro-batches; workers=0 runs without Ray workers (auto picks DDP for a small model)."""
+    cases = [({"workers": 2, "zero_stage": 3, "ema_decay": 0.5}, "deepspeed", 3),
+             ({"workers": 2, "strategy": "ddp", "grad_accum_steps": 2}, "ddp", None),
+             ({"workers": 0, "zero_stage": 0}, "ddp", None)]
+    for settings, strategy, stage in cases:
         task = build_task("dnmm", RunSpec(dataset="rings", n=800, model=SMALL))
-        tc = TrainConfig(workers=workers, zero_stage=stage, epochs=2, patience=0)
-        result = fit(task, tc, name=f"rings-{workers}-{stage}", storage=runs_uri(store))
+        tc = TrainConfig(epochs=2, patience=0, batch_size=128, **settings)
+        result = fit(task, tc, name=f"rings-{strategy}-{settings['workers']}", storage=runs_uri(store))
+        assert (result.strategy, result.zero_stage) == (strategy, stage)
+        assert len(result.nodes) == max(1, tc.workers) and all(result.nodes)
         assert set(result.best_weights) == set(task.build_model().state_dict())
+        # 512 training rows, 128 per optimizer step: 4 steps an epoch whatever the accumulation
+        assert result.state["step"] == 8
+        assert result.state["ema_updates"] == (8 if tc.ema_decay else 0)
         model = task.trained_model(result.best_weights)
         assert np.isfinite(task.metrics(model)["test_log_lik"])
         json.dumps(result.state)
 
 
+def _registered_checkpoints(run_dir) -> list[str]:
+    """The checkpoints Ray Train's controller has registered (its persisted checkpoint-manager snapshot)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        data = json.loads(snapshot.read_text())
+        data = json.loads(data) if isinstance(data, str) else data
+    except (OSError, ValueError):
+        return []
+    results = data.get("checkpoint_results") or []
+    return [r["checkpoint_dir_name"] for r in results if isinstance(r, dict) and r.get("checkpoint_dir_name")]
+
+
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
     """FailureConfig: SIGKILL one Ray Train worker mid-run; the group restarts from the checkpoint."""
     import os
@@ -114,8 +139,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
     thread.start()
     run_dir = Path(runs_uri(store), "flaky")
     deadline = time.time() + 180
-    while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2:
+    while time.time() < deadline and not _registered_checkpoints(run_dir):
         time.sleep(0.2)
+    assert _registered_checkpoints(run_dir), "Ray Train registered no checkpoint within 180 s"
     from ray.util.state import list_actors
 
     import ray
@@ -148,3 +174,132 @@ def test_outlier_score_is_calibrated_on_the_fitted_rows(moons_run):
     assert far["outlier"].all() and far["score"][0] > far["threshold"]
     with pytest.raises(densiray.DensirayError, match="percentile must be one of"):
         loaded.threshold(3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# schedules, strategy, config (no Ray)
+
+
+def _lrs(schedule: str, total: int, **kw) -> list[float]:
+    from densiray.train.engine import lr_schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(opt, TrainConfig(lr=1.0, schedule=schedule, **kw), total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return out
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_zero():
+    assert _lrs("constant", 5) == [1.0] * 5
+    assert _lrs("constant", 6, warmup_steps=3) == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert _lrs("linear", 6, warmup_steps=2) == pytest.approx([1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25])
+    cos = _lrs("cosine", 10, warmup_fraction=0.2)
+    assert cos[:3] == pytest.approx([1 / 3, 2 / 3, 1])
+    assert cos[2:] == sorted(cos[2:], reverse=True) and cos[-1] == pytest.approx((1 + math.cos(math.pi * 7 / 8)) / 2)
+
+
+def test_strategy_is_chosen_from_the_config_and_the_model_size():
+    from densiray.train.engine import choose_strategy
+
+    gib = 2**30
+    assert choose_strategy(TrainConfig(), 10**6, 0, 16 * gib)[:2] == ("ddp", None)
+    assert choose_strategy(TrainConfig(zero_stage=0), 10**6, 0, 16 * gib)[:2] == ("ddp", None)
+    assert choose_strategy(TrainConfig(zero_stage=1), 10**6, 0, 16 * gib)[:2] == ("deepspeed", 1)
+    assert choose_strategy(TrainConfig(strategy="deepspeed"), 10**6, 0, 16 * gib)[:2] == ("deepspeed", 2)
+    # 1 B trainable parameters need ~16 GB of weights, gradients and AdamW moments: ZeRO-3
+    assert choose_strategy(TrainConfig(), 10**9, 0, 16 * gib)[:2] == ("deepspeed", 3)
+    assert choose_strategy(TrainConfig(strategy="ddp"), 10**9, 0, 16 * gib)[:2] == ("ddp", None)
+    # a frozen base costs 4 bytes a parameter, not 16
+    assert choose_strategy(TrainConfig(), 10**6, 10**9, 16 * gib)[:2] == ("ddp", None)
+
+
+def test_train_config_refuses_unknown_and_contradictory_settings():
+    from pydantic import ValidationError
+
+    for bad in ({"warmup": 3}, {"warmup_steps": 2, "warmup_fraction": 0.1}, {"strategy": "ddp", "zero_stage": 2},
+                {"strategy": "fsdp"}, {"ema_decay": 1.0}, {"grad_accum_steps": 0}, {"schedule": "step"},
+                {"strategy": "deepspeed", "compile": True}):
+        with pytest.raises(ValidationError):
+            TrainConfig(**bad)
+
+
+def test_step_generator_depends_on_seed_step_and_micro_step_only():
+    from densiray.train.engine import step_generator
+
+    def draw(*key):
+        return torch.rand(4, generator=step_generator(*key))
+
+    assert torch.equal(draw(0, 5, 1), draw(0, 5, 1))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 6, 0)) and not torch.equal(draw(0, 5, 0), draw(1, 5, 0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# in-process runs (workers: 0), as a notebook makes them
+
+
+@pytest.mark.slow
+def test_training_twice_in_process_works_and_records_strategy_and_nodes(ray_cluster, store):
+    """Two densiray.api.train calls in one Python process (the in-process world of one is rebuilt), the
+    second with DeepSpeed, gradient accumulation, a cosine schedule with warmup and an EMA."""
+    import ray
+
+    from densiray.api import train
+
+    model = {**SMALL, "integration_samples": 128}
+    first = {"workers": 0, "epochs": 2, "patience": 0}
+    second = {"workers": 0, "epochs": 3, "patience": 0, "strategy": "deepspeed", "zero_stage": 2,
+              "grad_accum_steps": 2, "schedule": "cosine", "warmup_steps": 2, "ema_decay": 0.9, "batch_size": 128}
+    manifests = []
+    for i, settings in enumerate((first, second)):
+        out = train("dnmm", "moons", config={"n": 800}, overrides={"train": settings, "model": model},
+                    name=f"twice-{i}", store=store, plot=False)
+        assert out["epochs_run"] == settings["epochs"]
+        manifests.append(json.loads((Path(out["path"]) / "manifest.json").read_text()))
+    node = ray.get_runtime_context().get_node_id()
+    for manifest, strategy in zip(manifests, ("ddp", "deepspeed")):
+        prov = manifest["provenance"]
+        assert prov["strategy"] == strategy and prov["rank_nodes"] == [node]
+        assert math.isfinite(manifest["metrics"]["test_log_lik"])
+    history = manifests[1]["provenance"]["history"]
+    lrs = [h["lr"] for h in history]  # 512 rows / 128 = 4 steps an epoch, 12 in all; lr after each epoch
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert manifests[1]["provenance"]["zero_stage"] == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
+    """A run that dies after epoch 2 resumes there on the next fit: the loop state, the EMA (not a fresh
+    copy of the weights) and its update count come back from the newest complete checkpoint."""
+    import copy
+
+    from densiray.train.dnmm import DNMMTask
+
+    class Dies(DNMMTask):
+        def batches(self, epoch, rank, world, batch_size):
+            if epoch == 2:
+                raise RuntimeError("killed")
+            return super().batches(epoch, rank, world, batch_size)
+
+    task = build_task("dnmm", RunSpec(dataset="moons", n=800, model=SMALL))
+    dying = copy.copy(task)
+    dying.__class__ = Dies
+    tc = TrainConfig(workers=0, epochs=4, patience=0, ema_decay=0.8, lr=1e-2, batch_size=128)
+    with pytest.raises(Exception, match="killed"):
+        fit(dying, tc, name="ema-resume", storage=runs_uri(store))
+    result = fit(task, tc, name="ema-resume", storage=runs_uri(store))
+    history = result.state["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["resumed_from_epoch"] == 2
+    assert result.state["ema_updates"] == result.state["step"] == 16
+    d = Path(result.checkpoint_path)
+    ema = load_file(str(d / "ema.safetensors"))
+    raw = load_file(str(d / "deepspeed" / "state" / "model.safetensors"))  # the DDP engine's own state
+    assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    if result.state["best_epoch"] == 3:  # the best weights are the EMA's, not the raw ones
+        assert all(torch.equal(result.best_weights[k], ema[k]) for k in ema)

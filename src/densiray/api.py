@@ -192,13 +192,17 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     with console.logs_to(f"{run_path}/densiray.log" if "://" not in run_path else None, verbose) as log:
         ensure_ray(log_to_driver=verbose)
         _check_resources(tc)
+        view = None if verbose else console.EpochView(task.metric, tc.epochs)
         try:
-            result = fit(task, tc, name=name, storage=runs_uri(store))
+            result = fit(task, tc, name=name, storage=runs_uri(store), progress=view or True)
         except DensirayError:
             raise
         except Exception as e:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("^")]
             raise DensirayError(f"training failed: {lines[-1] if lines else type(e).__name__}") from e
+        finally:
+            if view is not None:
+                view.close()
     train_time = time.perf_counter() - t0
     runs.finish(run_path, digest)
 
@@ -207,8 +211,8 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
     provenance = {"run_name": name, "run_path": result.run_path, "checkpoint": result.checkpoint_path,
                   f"initial_{task.metric}": result.state.get("initial"), "best_epoch": result.state["best_epoch"],
                   "epochs_run": result.state["epoch"], "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
-                  "workers": tc.workers, "zero_stage": tc.zero_stage,
-                  "history": result.state.get("history", [])}
+                  "workers": tc.workers, "strategy": result.strategy, "zero_stage": result.zero_stage,
+                  "rank_nodes": result.nodes, "history": result.state.get("history", [])}
     stored = export_trained(task, result.best_weights, name=name, store=store, provenance=provenance,
                             train_config=tc.model_dump(), title=f"{name}: {kind} on {task.dataset['name']}", plot=plot)
     path, manifest = stored.path, stored.manifest

@@ -22,15 +22,15 @@ from densiray.store import StoredModel
 class StepContext:
     """What the engine tells :meth:`Task.loss` about the current micro-step.
 
-    ``generator`` is seeded from (run seed, ``step``) alone, so every rank draws the same random numbers
-    in a step: use it for any choice that must agree across ranks (which sub-networks to train, noise
+    ``generator`` is seeded from (run seed, ``step``, ``micro_step``) alone, so every rank draws the same
+    random numbers in a micro-step (and micro-steps of one optimizer step draw different ones): use it for any choice that must agree across ranks (which sub-networks to train, noise
     levels, ...). Under ZeRO-3 a choice that differs across ranks deadlocks the parameter gathers.
     Per-sample randomness that may differ by rank (dropout, data noise) can use torch's global RNG.
     """
 
     epoch: int
     step: int  # optimizer steps taken so far in the run (the same on every rank)
-    micro_step: int  # index of this micro-batch within the optimizer step (gradient accumulation)
+    micro_step: int  # index of this micro-batch within the optimizer step (0 .. grad_accum_steps - 1)
     rank: int
     world: int
     generator: torch.Generator
