@@ -67,6 +67,8 @@ def logs_to(log_file: str | os.PathLike | None, verbose: bool = False):
     if verbose or log_file is None:
         yield None
         return
+    import ray  # noqa: F401  (Ray sets up its loggers on import: do that first, then take them over)
+
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
@@ -74,7 +76,8 @@ def logs_to(log_file: str | os.PathLike | None, verbose: bool = False):
     saved = []
     for name in NOISY:
         logger = logging.getLogger(name)
-        streams = [h for h in logger.handlers if type(h) is logging.StreamHandler]
+        streams = [h for h in logger.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
         saved.append((logger, streams, logger.propagate))
         for h in streams:
             logger.removeHandler(h)
