@@ -125,7 +125,7 @@ class EpochView:
         best = m.get(f"best_{self.metric}")
         text = (f"epoch {epoch}/{self.epochs}  {self.metric} {_fmt(m.get(self.metric))}  "
                 f"best {_fmt(best)} (epoch {m.get('best_epoch')})  {per:.1f} s/epoch")
-        self.live.update(text, final=not self.live.tty and epoch % 10 == 0)
+        self.live.update(text, final=not self.live.tty and (epoch % 10 == 0 or epoch >= self.epochs))
 
     def close(self) -> None:
         self.live.close()
