@@ -33,6 +33,8 @@ class ServeSettings(BaseModel):
     max_samples: int = Field(10_000, ge=1, le=10_000_000, description="n per sample request")
     max_texts: int = Field(256, ge=1, le=100_000, description="texts per classify request")
     max_text_chars: int = Field(10_000, ge=1, le=10_000_000, description="characters per text")
+    max_condition_work: int = Field(4096, ge=1, le=100_000_000, description="n x steps per condition (or "
+                                    "stepped sample) request: bounds the sampler work one request asks for")
     max_body_bytes: int = Field(16 << 20, ge=1024, le=1 << 31, description="request body size (bytes)")
     access_log: bool = Field(False, description="log every request in the replica logs")
 
