@@ -176,15 +176,21 @@ def test_log_prob_batch_groups_by_model_slices_rows_and_isolates_failures():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(ray_cluster, tmp_path, sig):
+@pytest.mark.parametrize("sig, own_ray", [(signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["ctrl-c, on a cluster (proxy ingress)", "sigterm, its own Ray (direct ingress)"])
+def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(ray_cluster, tmp_path, sig, own_ray):
     """``densiray serve`` stops on SIGTERM (container runtimes, systemd) as on Ctrl-C: requests in flight
-    are answered, Serve is shut down, exit 0, no traceback (native or Python)."""
+    are answered, Serve (and a Ray it started) shut down, exit 0, no traceback (native or Python).
+
+    On the test cluster (RAY_ADDRESS) it serves through Serve's proxy; on a Ray of its own, by
+    default, through the replica itself (direct ingress)."""
     from ray import serve
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if not own_ray:
+        env["RAY_ADDRESS"] = ray_cluster
     proc = subprocess.Popen([sys.executable, "-m", "densiray.cli", "serve", "--store", str(tmp_path / "empty"),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -223,7 +229,8 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
     assert "densiray: stopped" in rest and "Traceback" not in text and "PC: @" not in text, text[-3000:]
     # answered up to the signal; while the app drains, new requests get the proxy's 404; never a 5xx
     assert statuses and statuses[0] == 200 and max(statuses) < 500, statuses
-    assert "densiray" not in serve.status().applications
+    if not own_ray:
+        assert "densiray" not in serve.status().applications
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
 
