@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ class ToyTexts:
     """A text classifier with no ``input_kind`` (texts by default) and an extra per-item field."""
 
     kind = KIND
-    labels = ["neg", "pos"]
+    labels: ClassVar[list[str]] = ["neg", "pos"]
 
     def predict(self, texts: list) -> dict:
         pos = np.array([float("good" in t) for t in texts])
@@ -81,8 +82,8 @@ class ToyNested:
     kind = KIND
     input_kind = "rows"
     dim = 2
-    labels = ["a", "b"]
-    SUBS = [{"name": "small", "params": 10, "flops": 100.0, "accuracy": 0.8},
+    labels: ClassVar[list[str]] = ["a", "b"]
+    SUBS: ClassVar[list[dict]] = [{"name": "small", "params": 10, "flops": 100.0, "accuracy": 0.8},
             {"name": "big", "params": 100, "flops": 1000.0, "accuracy": 0.9}]
 
     def submodels(self) -> list[dict]:

@@ -47,7 +47,6 @@ from densiray.serve.schemas import (
     Health,
     LogProbResponse,
     ModelDetail,
-    ModelInfo,
     ModelList,
     SampleResponse,
     ScoreResponse,

@@ -47,7 +47,9 @@ def _running_http_options():
 
     if not serve.status().proxies:
         return None
-    from ray.serve.context import _get_global_client  # the public API does not expose the running options
+    from ray.serve.context import (
+        _get_global_client,  # the public API does not expose the running options
+    )
 
     try:
         return _get_global_client().http_config
@@ -75,6 +77,7 @@ def _wait_ready(url: str, timeout_s: float) -> None:
 
 
 INGRESS = ("auto", "direct", "proxy")
+_direct: dict[str, int] = {}  # {"port": p} once this process started a Ray with direct ingress on p
 
 
 def _free_port(host: str) -> int:
@@ -90,18 +93,28 @@ def ingress_mode(ingress: str | None, replicas: int) -> str:
     asked = ingress or os.environ.get("DENSIRAY_SERVE_INGRESS") or "auto"
     if asked not in INGRESS:
         raise DensirayError(f"ingress must be one of {', '.join(INGRESS)}, got {asked!r}")
-    can_direct = replicas == 1 and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    fresh = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    can_direct = replicas == 1 and (fresh or "port" in _direct)
     if asked == "direct" and not can_direct:
         raise DensirayError("direct ingress needs one replica and a local Ray that densiray starts itself (no "
                             "RAY_ADDRESS, Ray not yet started in this process); use ingress='proxy'")
     return "direct" if asked == "direct" or (asked == "auto" and can_direct) else "proxy"
 
 
-def _direct_ingress_env(port: int) -> None:
+def _direct_ingress_env(port: int, host: str) -> None:
     """Ray Serve's throughput-optimized mode with the (single) replica's HTTP server on ``port``.
 
     Read by Serve's controller and replicas when they start, hence set before Ray starts (the local
     Ray inherits this process's environment)."""
+    import ray
+
+    if ray.is_initialized():  # started so by this process before: the replica port is fixed
+        if _direct["port"] != port:
+            raise DensirayError(f"this Ray serves direct ingress on port {_direct['port']}; pass that port")
+        return
+    if not _port_free(host, port):
+        raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
+    _direct["port"] = port
     os.environ.update({
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, user code and router on the main loop, ...
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),  # the replica ports: [min, max)
@@ -128,12 +141,10 @@ def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, r
 
     mode = ingress_mode(ingress, resolved.replicas)
     if mode == "direct":
-        if not _port_free(host, port):
-            raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
-        _direct_ingress_env(port)
+        _direct_ingress_env(port, host)
     ensure_ray(log_to_driver=False)
-    proxy_port = _free_port(host) if mode == "direct" else port
     running = _running_http_options()
+    proxy_port = port if mode == "proxy" else running.port if running is not None else _free_port(host)
     if running is not None and (running.host, running.port) != (host, proxy_port):
         raise DensirayError(f"Ray Serve already runs on this cluster at http://{running.host}:{running.port}; "
                             f"pass --host {running.host} --port {running.port}, or stop it with `serve shutdown`")
@@ -159,3 +170,11 @@ def shutdown() -> None:
         serve.delete(APP_NAME)
     if not set(serve.status().applications) - {APP_NAME}:
         serve.shutdown()
+
+
+def forget_direct_ingress() -> None:
+    """After ``ray.shutdown()``: the next local Ray starts without the direct-ingress environment."""
+    for key in [k for k in os.environ if k.startswith(("RAY_SERVE_DIRECT_INGRESS_", "RAY_SERVE_PORT_QUARANTINE"))]:
+        del os.environ[key]
+    os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+    _direct.clear()

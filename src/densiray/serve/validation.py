@@ -7,6 +7,8 @@ text limits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from densiray.errors import RequestError
@@ -117,9 +119,9 @@ def to_json(value: object) -> object:
     """``value`` (arrays, numpy scalars, dicts, lists) as plain JSON values; null where a float is not finite."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "f":
-            value = np.where(np.isfinite(value), value, np.nan).astype(object)
-            value[value != value] = None  # noqa: PLR0124 (NaN test)
-            return value.tolist()
+            out = value.astype(object)
+            out[~np.isfinite(value)] = None
+            return out.tolist()
         return to_json(value.tolist())
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
         return to_json(value.detach().cpu().numpy())
@@ -129,7 +131,7 @@ def to_json(value: object) -> object:
         return [to_json(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
@@ -172,4 +174,5 @@ def check_texts(texts: list[str], settings: ServeSettings) -> list[str]:
 
 def finite_or_none(values: np.ndarray) -> list[float | None]:
     """Floats for JSON, with None where a value is not finite (JSON has no NaN or infinity)."""
-    return [v if v == v and abs(v) != float("inf") else None for v in np.asarray(values, dtype=float).tolist()]
+    isfinite = math.isfinite
+    return [v if isfinite(v) else None for v in np.asarray(values, dtype=float).tolist()]
