@@ -28,7 +28,7 @@ from test_serve_api import export_copy, make_store
 import densiray
 
 LIMITS = {"max_rows": 500, "max_samples": 300, "max_texts": 4, "max_text_chars": 50, "max_body_bytes": 64 << 10,
-          "model_refresh_s": 0.2, "max_rows_per_call": 8}
+          "model_refresh_s": 0.2, "max_rows_per_call": 8, "batching": True}
 ROW = [0.5, 0.25]
 
 

@@ -167,7 +167,7 @@ def _serve(args) -> int:
     _stop_on_sigterm()  # during start-up too
     try:
         url = ds.start(store=args.store, host=args.host, port=args.port, replicas=args.replicas,
-                       batching=not args.no_batching)
+                       batching=False if args.no_batching else None)
         _stop_on_sigterm()  # again: starting Ray installed its own handler
         print(f"densiray: serving the models in {store.uri} at {url}  (API docs: {url}/docs)")
         if not store.list():

@@ -125,7 +125,7 @@ def _direct_ingress_env(port: int, host: str) -> None:
 
 
 def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-          batching: bool = True, ingress: str | None = None, **settings) -> str:
+          batching: bool | None = None, ingress: str | None = None, **settings) -> str:
     """Deploy the densiray app on Ray Serve (starting Serve on ``host:port`` if needed); returns its URL.
 
     Uses the cluster in RAY_ADDRESS, else a local Ray. ``ingress`` (``auto``, ``direct``, ``proxy``;
@@ -133,7 +133,9 @@ def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, r
     ``settings`` are further :class:`~densiray.serve.settings.ServeSettings` (e.g. ``max_rows=1000``,
     ``replica_cpus=0.25``). Returns once the app answers ``GET /healthz``.
     """
-    resolved = ServeSettings.parse({"store": store, "replicas": replicas, "batching": batching, **settings})
+    if batching is not None:  # None: the settings' default
+        settings["batching"] = batching
+    resolved = ServeSettings.parse({"store": store, "replicas": replicas, **settings})
     from ray import serve
 
     from densiray.api import ensure_ray
