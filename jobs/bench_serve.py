@@ -1,25 +1,26 @@
-"""Load benchmark of the model server: Ray Serve (batching on, off) beside a plain uvicorn app.
+"""Load benchmark of the model server: `densiray serve`'s ways in beside the same app in plain uvicorn.
 
-    .venv/bin/python jobs/bench_serve.py [--requests 2000] [--clients 16] [--rows 64] [--repeats 3]
-                                         [--no-sweep] [--no-direct] [--out jobs/results]
+    .venv/bin/python jobs/bench_serve.py [--clients 16] [--repeats 2] [--max-seconds 8] [--out jobs/results]
 
-One run starts a local Ray, exports a DNMM (moons, default architecture; initial weights, since the
-cost of log_prob does not depend on training) and puts the same bounded load on every configuration
-over loopback: ``--clients`` concurrent keep-alive clients (aiohttp, in a separate process) send
-``log_prob`` requests of ``--rows`` rows until ``--requests`` are done or ``--max-seconds`` pass.
-Configurations are interleaved ``--repeats`` times and medians reported:
+One run exports a DNMM (moons, default architecture; initial weights, since the cost of log_prob
+does not depend on training) and puts the same bounded load on each Serve configuration and on the
+plain app (the same FastAPI app and validation in one uvicorn process, no Ray, at the niceness Ray
+gives its workers) over loopback: ``--clients`` concurrent keep-alive clients (aiohttp, in a
+separate process) send ``log_prob`` requests of 64, 256 and 1024 rows until a bounded number are
+done or ``--max-seconds`` pass. Each Serve load is paired with a plain-app load right after it
+(medians of ``--repeats`` pairs), so that both see the same load on the shared machine.
 
-* ``serve, batching``    -- the Serve app as ``densiray serve`` runs it (serve.batch on)
-* ``serve, no batching`` -- the same with ``batching: false``
-* ``plain uvicorn``      -- the same FastAPI app in one uvicorn process, no Ray (densiray.serve.plain),
-  at the niceness Ray gives its workers, so both compete alike with whatever else runs
+Configurations (Serve settings as `densiray serve` takes them):
 
-Also measured: the CPU each process spends per request (from /proc, Linux), the same load on
-``GET /healthz`` (no model, no body: the HTTP path alone), tuning runs (replicas, batch wait, rows
-per request; skip with ``--no-sweep``) and, on a second local Ray started with Ray's
-throughput-optimized mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, direct ingress: the replica serves
-HTTP itself), the replica addressed directly, past the proxy (skip with ``--no-direct``).
-Writes ``serve.json`` and ``serve.md`` to ``--out``.
+* a local Ray started in Serve's throughput-optimized mode with **direct ingress** (the replica
+  serves HTTP itself; `densiray serve`'s default when it starts its own Ray with one replica):
+  batching off (the default) and on;
+* a local Ray in Serve's default mode, requests through **Serve's HTTP proxy** (what a cluster or
+  several replicas get): 1 replica with batching (the old default) and without, 2 replicas.
+
+Also recorded: the CPU each process role spends per request (from /proc, Linux) and the machine's
+load average during each load. Writes ``serve.json`` (``ratio_to_plain`` keyed by rows per request,
+for `densiray serve`'s defaults) and ``serve.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def client_main(spec: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 ROLES = {"ray::ProxyActor": "proxy", "ray::ServeReplica": "replica", "densiray.serve.plain": "plain app",
+         "--client": "load generator",
          "ray::ServeController": "controller", "raylet": "raylet", "gcs_server": "gcs"}
 
 
@@ -171,64 +173,38 @@ def worker_niceness() -> int:
     return int(os.environ.get("RAY_worker_niceness", "15"))
 
 
-def replica_url() -> str:
-    """The HTTP server of the (single) replica under direct ingress: the port its process listens on."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        if "ray::ServeReplica" in " ".join(proc.info["cmdline"] or []):
-            for conn in proc.net_connections(kind="tcp"):
-                url = f"http://127.0.0.1:{conn.laddr.port}"
-                if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1" and healthy(url):
-                    return url
-    raise RuntimeError("no replica serves HTTP itself; is direct ingress on?")
-
-
-class Servers:
-    """The plain app (a subprocess, up for the whole phase) and the Serve app (redeployed per config)."""
+class Plain:
+    """The plain app: one uvicorn process without Ray, up for the whole run."""
 
     def __init__(self, store: str):
-        self.store = store
-        self.serve_port, self.plain_port = free_port(), free_port()
+        self.port = free_port()
         nice = worker_niceness()
-        self.plain = subprocess.Popen([sys.executable, "-m", "densiray.serve.plain", "--store", store,
-                                       "--port", str(self.plain_port)], stdout=subprocess.DEVNULL,
-                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
-        self.plain_url = f"http://127.0.0.1:{self.plain_port}"
-        wait_healthy(self.plain_url)
-        self.deployed: dict | None = None
-
-    def url(self, settings: dict | None, direct: bool = False) -> str:
-        """The URL of the plain app (settings None) or of the Serve app deployed with ``settings``."""
-        if settings is None:
-            return self.plain_url
-        if settings != self.deployed:
-            import densiray.serve as ds
-            from densiray.serve.deployment import APP_NAME
-            from ray import serve
-
-            if APP_NAME in serve.status().applications:
-                serve.delete(APP_NAME)
-            ds.start(store=self.store, port=self.serve_port, **settings)
-            self.deployed = settings
-        return replica_url() if direct else f"http://127.0.0.1:{self.serve_port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "densiray.serve.plain", "--store", store,
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_healthy(self.url)
 
     def close(self) -> None:
-        import densiray.serve as ds
-
-        ds.shutdown()
-        self.plain.terminate()
-        self.plain.wait(30)
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
-BATCHING, NO_BATCHING = {"batching": True}, {"batching": False}
-# name -> (Serve settings, or None for the plain app; address the replica directly)
-MAIN = {"serve, batching": (BATCHING, False), "serve, no batching": (NO_BATCHING, False),
-        "plain uvicorn": (None, False)}
+ROWS = (64, 256, 1024)
+REQUESTS = {64: 1500, 256: 600, 1024: 150}  # per load: a few seconds each on 2 cores
+DEFAULT = "direct ingress, no batching (default)"
+# name -> (ingress, Serve settings, rows per request measured)
+CONFIGS = {
+    DEFAULT: ("direct", {}, ROWS),
+    "direct ingress, batching": ("direct", {"batching": True}, (64, 256)),
+    "proxy, 1 replica, batching (old default)": ("proxy", {"batching": True}, ROWS),
+    "proxy, 1 replica, no batching": ("proxy", {}, (64,)),
+    "proxy, 2 replicas, no batching": ("proxy", {"replicas": 2}, (64,)),
+}
 METRICS = ("rps", "rows_per_s", "p50_ms", "p99_ms", "non_2xx", "5xx", "errors", "loadavg_1min")
 
 
@@ -241,23 +217,7 @@ def median_of(runs: list[dict]) -> dict:
     return out
 
 
-def measure(servers: Servers, configs: dict, path: str, body: str | None, rows: int, args, repeats: int) -> dict:
-    runs: dict[str, list[dict]] = {name: [] for name in configs}
-    for rep in range(repeats):
-        for name, (settings, direct) in configs.items():
-            url = servers.url(settings, direct)
-            r = run_load(url + path, method="POST" if body else "GET", body=body, total=args.requests,
-                         clients=args.clients, max_s=args.max_seconds)
-            r["rows_per_s"] = round(r["rps"] * rows, 1)
-            runs[name].append(r)
-            print(f"  [{rep + 1}/{repeats}] {name:44s} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
-                  f"p99 {r['p99_ms']:7.2f} ms  non-2xx {r['non_2xx']}  5xx {r['5xx']}  "
-                  f"cpu/req {r['cpu_ms_per_request']}",
-                  flush=True)
-    return {name: median_of(rs) for name, rs in runs.items()}
-
-
-def body_of(rows: int, d: int) -> str:
+def body_of(rows: int, d: int = 2) -> str:
     import numpy as np
 
     return json.dumps({"x": np.random.default_rng(0).normal(size=(rows, d)).round(6).tolist()})
@@ -274,58 +234,64 @@ def export_model(store: str, n: int) -> tuple[str, str]:
     return "bench", f"DNMM on moons (d=2), {c.components} components, {c.hidden} hidden x {c.depth} layers"
 
 
-def phase_main(store: str, model: str, args) -> dict:
-    from densiray.api import ensure_ray
-
-    ensure_ray(log_to_driver=False)
-    servers = Servers(store)
+def measure_config(name: str, serve_url: str, plain: Plain, model: str, rows_list, args) -> dict:
+    """Paired loads (this Serve configuration, then the plain app) per rows per request:
+    ``--repeats`` pairs for the default configuration, one for the others."""
+    out = {}
     path = f"/v1/models/{model}/log_prob"
-    out: dict = {}
-    try:
-        print(f"log_prob, {args.rows} rows per request, {args.clients} clients:", flush=True)
-        out["main"] = measure(servers, MAIN, path, body_of(args.rows, 2), args.rows, args, args.repeats)
-        print("GET /healthz:", flush=True)
-        out["healthz"] = measure(servers, {"serve": (BATCHING, False), "plain uvicorn": (None, False)}, "/healthz",
-                                 None, 0, args, args.repeats)
-        if args.sweep:
-            print("tuning:", flush=True)
-            reps = max(1, args.repeats - 1)
-            variants = {
-                "serve, batching, 2 replicas": ({"batching": True, "replicas": 2}, False),
-                "serve, no batching, 2 replicas": ({"batching": False, "replicas": 2}, False),
-                "serve, batching, wait 0 ms": ({"batching": True, "batch_wait_timeout_s": 0.0}, False),
-                "serve, batching, wait 10 ms": ({"batching": True, "batch_wait_timeout_s": 0.01}, False),
-            }
-            sweep = measure(servers, variants, path, body_of(args.rows, 2), args.rows, args, reps)
-            for rows in (1, 1024):
-                cfg = {f"{k}, {rows} rows/request": v for k, v in MAIN.items()}
-                sweep.update(measure(servers, cfg, path, body_of(rows, 2), rows, args, reps))
-            out["sweep"] = sweep
-    finally:
-        servers.close()
+    repeats = args.repeats if name == DEFAULT else 1
+    for rows in rows_list:
+        body = body_of(rows)
+        runs: dict[str, list[dict]] = {"serve": [], "plain": []}
+        for rep in range(repeats):
+            for who, url in (("serve", serve_url), ("plain", plain.url)):
+                r = run_load(url + path, body=body, total=REQUESTS[rows], clients=args.clients,
+                             max_s=args.max_seconds, warmup=20)
+                r["rows_per_s"] = round(r["rps"] * rows, 1)
+                runs[who].append(r)
+                print(f"  [{rep + 1}/{repeats}] {rows:5d} rows  {who:5s} {r['rps']:8.1f} req/s  p50 "
+                      f"{r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  5xx {r['5xx']}  non-2xx {r['non_2xx']}  "
+                      f"load {r['loadavg_1min']}", flush=True)
+        s, p = median_of(runs["serve"]), median_of(runs["plain"])
+        out[str(rows)] = {"serve": s, "plain": p, "ratio_to_plain": round(s["rps"] / p["rps"], 3) if p["rps"] else None,
+                          "p99_ratio": round(s["p99_ms"] / p["p99_ms"], 3) if p["p99_ms"] else None}
     return out
 
 
-def phase_direct(store: str, model: str, args) -> dict:
-    """A second local Ray in throughput-optimized mode; the replica's own HTTP port, past the proxy."""
+def phase(ingress: str, store: str, model: str, plain: Plain, args) -> dict:
+    """One local Ray (started by densiray.serve.start in the way ``ingress`` needs) and its configurations."""
     import ray
 
-    from densiray.api import ensure_ray
+    import densiray.serve as ds
+    from densiray.serve.runner import forget_direct_ingress
 
-    ray.shutdown()
-    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read when Serve's actors start: set before Ray starts
-    ensure_ray(log_to_driver=False)
-    servers = Servers(store)
-    configs = {"serve (throughput-optimized), batching, via proxy": (BATCHING, False),
-               "serve (throughput-optimized), batching, direct": (BATCHING, True),
-               "plain uvicorn": (None, False)}
+    out = {}
+    port = free_port()
     try:
-        print("throughput-optimized Ray (direct ingress):", flush=True)
-        return measure(servers, configs, f"/v1/models/{model}/log_prob", body_of(args.rows, 2), args.rows, args,
-                       args.repeats)
+        for name, (way, settings, rows_list) in CONFIGS.items():
+            if way != ingress:
+                continue
+            t = time.time()
+            for attempt in range(3):  # on a loaded shared machine Ray's start-up can time out: try again
+                try:
+                    url = ds.start(store=store, port=port, ingress=ingress, **settings)
+                    break
+                except Exception as e:  # noqa: BLE001
+                    print(f"  start failed ({type(e).__name__}: {str(e)[:120]}); retrying", flush=True)
+                    if ray.is_initialized():
+                        ray.shutdown()
+                    if attempt == 2:
+                        raise
+            print(f"{name}: up in {time.time() - t:.0f} s at {url}", flush=True)
+            out[name] = {"ingress": ingress, "settings": settings,
+                         "rows": measure_config(name, url, plain, model, rows_list, args)}
+            ds.shutdown()
     finally:
-        servers.close()
-        ray.shutdown()
+        if ray.is_initialized():
+            ds.shutdown()
+            ray.shutdown()
+        forget_direct_ingress()
+    return out
 
 
 def machine() -> str:
@@ -341,51 +307,47 @@ def machine() -> str:
 
 def _cpu(r: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in r.get("cpu_ms_per_request", {}).items()
-                     if k in ("proxy", "replica", "plain app") and v >= 0.05) or "–"
+                     if k in ("proxy", "replica", "plain app") and v >= 0.05) or "-"
 
 
-def _table(rows: dict, rows_col: bool = True) -> list[str]:
-    head = "| configuration | req/s |" + (" rows/s |" if rows_col else "") + \
-        " p50 (ms) | p99 (ms) | non-2xx | 5xx | CPU ms per request | load avg |"
+def _table(configs: dict) -> list[str]:
+    head = ("| configuration | rows/request | Serve req/s | plain req/s | ratio | Serve p99 (ms) | plain p99 (ms) "
+            "| 5xx | non-2xx | Serve CPU ms/request | plain CPU ms/request | load avg |")
     out = [head, "|" + " --- |" * (head.count("|") - 1)]
-    for name, r in rows.items():
-        out.append(f"| {name} | {r['rps']:.0f} |" + (f" {r['rows_per_s']:.0f} |" if rows_col else "") +
-                   f" {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non_2xx']:.0f} | {r['5xx']:.0f} | {_cpu(r)} "
-                   f"| {r.get('loadavg_1min', float('nan')):.1f} |")
+    for name, c in configs.items():
+        for rows, r in c["rows"].items():
+            s, p = r["serve"], r["plain"]
+            out.append(f"| {name} | {rows} | {s['rps']:.0f} | {p['rps']:.0f} | {r['ratio_to_plain']:.2f} | "
+                       f"{s['p99_ms']:.0f} | {p['p99_ms']:.0f} | {s['5xx'] + p['5xx']:.0f} | "
+                       f"{s['non_2xx'] + s['errors']:.0f} | {_cpu(s)} | {_cpu(p)} | {s['loadavg_1min']:.0f} |")
     return out
 
 
 def verdict(result: dict) -> list[str]:
-    main = result["main"]
-    best = max(("serve, batching", "serve, no batching"), key=lambda k: main[k]["rps"])
-    s, p = main[best], main["plain uvicorn"]
-    every = [run for part in ("main", "healthz", "sweep", "direct") for r in result.get(part, {}).values()
-             for run in r["runs"]]
-    five, bad = sum(run["5xx"] for run in every), sum(run["non_2xx"] + run["errors"] for run in every)
-    lines = [f"**Goal (Serve ≥ plain throughput at no worse p99, zero 5xx):** "
-             f"{'met' if s['rps'] >= p['rps'] and s['p99_ms'] <= p['p99_ms'] else 'not met'} at {result['meta']['rows']} "
-             f"rows per request. The better Serve configuration ({best}) reaches {s['rps'] / p['rps']:.0%} of the plain "
-             f"app's requests/s, p99 {s['p99_ms']:.0f} ms against {p['p99_ms']:.0f} ms. In the whole run ({len(every)} "
-             f"loads) {five} responses were 5xx and {bad} were not 2xx or failed.", ""]
-    h = result["healthz"]
-    plain_cpu = h["plain uvicorn"].get("cpu_ms_per_request", {}).get("plain app", float("nan"))
-    lines.append(f"* Where the time goes: on `GET /healthz` Serve answers {h['serve']['rps']:.0f} req/s against the "
-                 f"plain app's {h['plain uvicorn']['rps']:.0f}; its request path costs {_cpu(h['serve'])} CPU ms per "
-                 f"request before any model work, against {plain_cpu:.2f} ms for the whole plain app.")
-    sweep = result.get("sweep", {})
-    big = [k for k in sweep if k.startswith("plain uvicorn, ") and "1024" in k]
-    if big:
-        sb, sn, pb = (sweep[k.replace("plain uvicorn", v)] for k in big[:1]
-                      for v in ("serve, batching", "serve, no batching", "plain uvicorn"))
-        lines.append(f"* With 1024 rows per request the model work dominates: Serve makes {sb['rps']:.1f} / "
-                     f"{sn['rps']:.1f} req/s (batching / not) against the plain app's {pb['rps']:.1f}, p99 "
-                     f"{sb['p99_ms']:.0f} / {sn['p99_ms']:.0f} ms against {pb['p99_ms']:.0f} ms.")
-    if result.get("direct"):
-        d = result["direct"]
-        dd, dp = d["serve (throughput-optimized), batching, direct"], d["plain uvicorn"]
-        lines.append(f"* Past the proxy (throughput-optimized Ray, replica addressed directly) Serve makes "
-                     f"{dd['rps']:.0f} req/s against the plain app's {dp['rps']:.0f} in the same phase "
-                     f"({dd['rps'] / dp['rps']:.0%}), p99 {dd['p99_ms']:.0f} ms against {dp['p99_ms']:.0f} ms.")
+    ratios, d = result["ratio_to_plain"], result["configs"][DEFAULT]["rows"]
+    p99 = {rows: r["p99_ratio"] for rows, r in d.items()}
+    every = [run for c in result["configs"].values() for r in c["rows"].values() for who in ("serve", "plain")
+             for run in r[who]["runs"]]
+    five = sum(run["5xx"] for run in every)
+    bad = sum(run["non_2xx"] + run["errors"] for run in every)
+    targets = [("64", 0.8), ("256", 1.0), ("1024", 1.0)]
+    met = {rows: ratios[rows] >= goal for rows, goal in targets}
+    lines = [f"Targets (`densiray serve` defaults against the plain app): throughput >= 0.8x at 64 rows "
+             f"({'met' if met['64'] else 'not met'}: {ratios['64']:.2f}x), >= 1.0x at 256 rows "
+             f"({'met' if met['256'] else 'not met'}: {ratios['256']:.2f}x) and 1024 rows "
+             f"({'met' if met['1024'] else 'not met'}: {ratios['1024']:.2f}x); p99 <= 2x the plain app's "
+             f"({', '.join(f'{r} rows {v:.2f}x' for r, v in p99.items())}: "
+             f"{'met' if all(v <= 2 for v in p99.values()) else 'not met'}); zero 5xx ({five} in {len(every)} loads; "
+             f"{bad} responses not 2xx or failed).", ""]
+    others = [f"{name} {c['rows']['64']['ratio_to_plain']:.2f}x" for name, c in result["configs"].items()
+              if name != DEFAULT and "64" in c["rows"]]
+    lines += [f"At 64 rows the other configurations reach: {'; '.join(others)}.", ""]
+    old = result["configs"].get("proxy, 1 replica, batching (old default)")
+    if old:
+        lines.append("Through Serve's proxy (the old default) the same loads reach " +
+                     ", ".join(f"{r['ratio_to_plain']:.2f}x at {rows} rows" for rows, r in old["rows"].items()) +
+                     " of the plain app: the proxy is a second Python process on the request path, with its own "
+                     "HTTP parsing and a hop to the replica per request (its CPU per request is in the table).")
     return lines
 
 
@@ -395,40 +357,39 @@ def write_report(out: Path, result: dict) -> None:
     m = result["meta"]
     lines = [
         "# Model server load benchmark", "",
-        f"{m['machine']}; Ray {m['ray']}; load average {m['loadavg_start']} when the run started and "
-        f"{m['loadavg_end']} when it ended (the machine is shared, so absolute numbers move with the other work on "
-        f"it). {m['clients']} concurrent keep-alive clients (aiohttp, one process, on the same cores) over loopback; {m['requests']} `log_prob` requests of {m['rows']} "
-        f"rows per configuration and repeat; medians of {m['repeats']} interleaved repeats (tuning runs: "
-        f"{max(1, m['repeats'] - 1)}). Model: {m['model']}. "
-        f"Serve: defaults of `densiray serve` ({m['serve_defaults']}). The plain app is the same FastAPI app and "
-        f"validation in one uvicorn process without Ray, run at Ray's worker niceness ({m['niceness']}). CPU ms per "
-        f"request: CPU time of each process during the load divided by the requests (from /proc). Load avg: the "
-        f"machine's 1-minute load average at the end of each load (median), to read the rows against.", "",
+        f"{m['machine']}; Ray {m['ray']}. **The machine is shared**: the 1-minute load average was {m['loadavg_start']} "
+        f"when the run started and {m['loadavg_end']} when it ended (other work on the same 2 cores), so absolute "
+        f"numbers move with it; every Serve load is paired with a plain-app load right after it, and the ratios are "
+        f"of those pairs' medians ({m['repeats']} pairs per cell for the default, 1 for the others). {m['clients']} concurrent keep-alive clients "
+        f"(aiohttp, one process, on the same cores) over loopback, `log_prob` requests, each load bounded by "
+        f"{m['requests']} requests or {m['max_seconds']:g} s. Model: {m['model']}. The plain app is the same FastAPI "
+        f"app and validation in one uvicorn process without Ray, at Ray's worker niceness ({m['niceness']}). Serve "
+        f"settings: `densiray serve`'s ({m['serve_defaults']}) unless named.", "",
         f"Regenerate: `{m['command']}` (about {m['minutes']:.0f} minutes).", "",
-        "## log_prob", "", *_table(result["main"]), "",
-        "## GET /healthz (no model, no body: the HTTP path alone)", "", *_table(result["healthz"], rows_col=False), "",
+        "## `ratio_to_plain` of `densiray serve`'s default (Serve req/s over the plain app's)", "",
+        "| rows/request | " + " | ".join(result["ratio_to_plain"]) + " |",
+        "| --- |" + " --- |" * len(result["ratio_to_plain"]),
+        "| ratio | " + " | ".join(f"{v:.2f}" for v in result["ratio_to_plain"].values()) + " |", "",
+        "## Every configuration", "", *_table(result["configs"]), "",
+        "## Verdict", "", *verdict(result), "",
+        "## The trade-off", "",
+        "* **Direct ingress** (default when `densiray serve` starts its own Ray, one replica): Ray Serve's "
+        "throughput-optimized mode; the replica runs the HTTP server on the port itself, so a request costs one "
+        "process and no hop. Serve still runs the replica (health checks, restarts on the same port, the "
+        "multiplexed model cache, batching). One replica answers: scale up with `--replicas` (then through the proxy).",
+        "* **Proxy** (on a cluster, `RAY_ADDRESS`, or with several replicas; `DENSIRAY_SERVE_INGRESS=proxy` forces it): "
+        "Serve's HTTP proxy balances requests over replicas on any node, at the cost of a second process and a hop per "
+        "request, which dominates for small requests on a small machine.", "",
     ]
-    if result.get("sweep"):
-        lines += ["## Tuning runs", "", *_table(result["sweep"]), ""]
-    if result.get("direct"):
-        lines += ["## Throughput-optimized Ray, replica addressed directly (experimental)", "",
-                  "A second local Ray started with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (direct ingress: each replica "
-                  "runs its own HTTP server; the proxy on the Serve port still forwards). `direct` sends the load to "
-                  "the replica's port, past the proxy.", "", *_table(result["direct"]), ""]
-    lines += ["## Verdict", "", *verdict(result), ""]
     (out / "serve.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=2000, help="measured requests per configuration and repeat")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    p.add_argument("--rows", type=int, default=64, help="rows per log_prob request")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-seconds", type=float, default=60.0, help="cap on one measured load")
+    p.add_argument("--repeats", type=int, default=3, help="paired loads per rows for the default configuration")
+    p.add_argument("--max-seconds", type=float, default=8.0, help="cap on one measured load")
     p.add_argument("--data-n", type=int, default=4000, help="rows of the moons data the model is fitted to")
-    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tuning runs")
-    p.add_argument("--no-direct", dest="direct", action="store_false", help="skip the throughput-optimized phase")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -442,20 +403,31 @@ def main() -> None:
     t0 = time.time()
     loadavg = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     defaults = ServeSettings()
+    configs: dict = {}
     with tempfile.TemporaryDirectory() as store:
         model, described = export_model(store, args.data_n)
-        result = phase_main(store, model, args)
-        if args.direct:
-            result["direct"] = phase_direct(store, model, args)
+        plain = Plain(store)
+        try:
+            configs.update(phase("direct", store, model, plain, args))
+            configs.update(phase("proxy", store, model, plain, args))
+        finally:
+            plain.close()
+    result = {
+        "ratio_to_plain": {rows: r["ratio_to_plain"] for rows, r in configs[DEFAULT]["rows"].items()},
+        "p99_ratio_to_plain": {rows: r["p99_ratio"] for rows, r in configs[DEFAULT]["rows"].items()},
+        "default": DEFAULT,
+        "configs": configs,
+    }
     result["meta"] = {
         "machine": machine(), "ray": ray.__version__, "loadavg_start": loadavg, "clients": args.clients,
-        "requests": args.requests, "rows": args.rows, "repeats": args.repeats, "model": described,
+        "requests": REQUESTS, "repeats": args.repeats, "max_seconds": args.max_seconds, "model": described,
         "niceness": worker_niceness(), "minutes": (time.time() - t0) / 60,
         "loadavg_end": " / ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "serve_defaults": f"1 replica x {defaults.replica_cpus} CPU, max_ongoing_requests "
-                          f"{defaults.max_ongoing_requests}, max_batch_size {defaults.max_batch_size}, batch wait "
-                          f"{defaults.batch_wait_timeout_s * 1e3:g} ms, max_rows_per_call {defaults.max_rows_per_call}, "
-                          f"{defaults.torch_threads} torch thread, access log {'on' if defaults.access_log else 'off'}",
+        "serve_defaults": f"direct ingress, 1 replica x {defaults.replica_cpus} CPU, max_ongoing_requests "
+                          f"{defaults.max_ongoing_requests}, batching {'on' if defaults.batching else 'off'} "
+                          f"(max_batch_size {defaults.max_batch_size}, wait {defaults.batch_wait_timeout_s * 1e3:g} "
+                          f"ms), max_rows_per_call {defaults.max_rows_per_call}, {defaults.torch_threads} torch thread, "
+                          f"access log {'on' if defaults.access_log else 'off'}",
         "command": " ".join([".venv/bin/python jobs/bench_serve.py", *sys.argv[1:]]),
     }
     write_report(Path(args.out), result)

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+# The percentiles of in-distribution log p at which a Density calibrates its outlier threshold
+# (``threshold(percentile)``, ``score(x, percentile)``); Serve's schema offers exactly these.
+OUTLIER_PERCENTILES: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+
 
 @runtime_checkable
 class Sampler(Protocol):
@@ -42,7 +46,13 @@ class Density(Sampler, Protocol):
 
 @runtime_checkable
 class Classifier(Protocol):
-    """Labels and class probabilities of texts (or rows): ``predict(items)`` -> {"labels", "probs", ...}."""
+    """Labels and class probabilities of texts (or rows): ``predict(items)`` -> {"labels", "probs", ...}.
+
+    An optional attribute ``input_kind`` says what the items are: ``"text"`` (the default when
+    absent: a list of strings) or ``"rows"`` (a list of rows of numbers). Further per-item fields
+    of the answer are passed through by Serve; a Nested classifier also takes
+    ``predict(items, budget={...})`` and answers ``"submodel"``, the sub-model that answered.
+    """
 
     labels: list
 

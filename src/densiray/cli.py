@@ -141,17 +141,39 @@ def _serve_example(url: str, store: str | None) -> str:
     return f"curl -s -X POST {url}/v1/models/{name}/log_prob -H 'Content-Type: application/json' -d '{body}'"
 
 
+class _Stop(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it stops the server as Ctrl-C does."""
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (container runtimes, systemd, ``kill``) stop ``densiray serve`` as Ctrl-C does.
+
+    Ray's core worker installs a native handler that prints a stack trace and dies on SIGTERM; a
+    Python handler installed after Ray started replaces it.
+    """
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _serve(args) -> int:
-    """Start the Serve app, print its URL and a curl example, block until Ctrl-C, then shut Serve down."""
+    """Start the Serve app, print its URL and a curl example, block until Ctrl-C or SIGTERM, then stop:
+    Serve drains the requests in flight (its graceful replica shutdown), then Serve and Ray shut down."""
     import time
 
     import densiray.serve as ds
     from densiray.store import Store
 
     store = Store(args.store)
+    _stop_on_sigterm()  # during start-up too
     try:
         url = ds.start(store=args.store, host=args.host, port=args.port, replicas=args.replicas,
-                       batching=not args.no_batching)
+                       batching=False if args.no_batching else None)
+        _stop_on_sigterm()  # again: starting Ray installed its own handler
         print(f"densiray: serving the models in {store.uri} at {url}  (API docs: {url}/docs)")
         if not store.list():
             print("densiray: the store is empty; train a model (densiray train ...) and it is served by name")
@@ -160,9 +182,13 @@ def _serve(args) -> int:
         print("press Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("densiray: stopping Serve", flush=True)
-        ds.shutdown()
+    except KeyboardInterrupt as e:
+        import ray
+
+        print(f"densiray: {'SIGTERM received, ' if isinstance(e, _Stop) else ''}stopping Serve", flush=True)
+        if ray.is_initialized():
+            ds.shutdown()
+            ray.shutdown()  # a local Ray started here stops; a cluster's (RAY_ADDRESS) is only disconnected
         print("densiray: stopped", flush=True)
     return 0
 

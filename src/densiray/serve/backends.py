@@ -28,6 +28,7 @@ NOT_FOUND, CONFLICT = 404, 409
 class Backend(Protocol):
     settings: ServeSettings
     store: Store
+    versions: Versions
 
     async def model(self, name: str) -> Any: ...
 

@@ -4,10 +4,24 @@
     url = ds.start(store="./models", port=8000)     # local Ray, or the cluster in RAY_ADDRESS
     requests.post(f"{url}/v1/models/moons/log_prob", json={"x": [[0.5, 0.25]]}).json()
     ds.shutdown()
+
+Two ways in (``ingress``; ``$DENSIRAY_SERVE_INGRESS``; default ``auto``), measured in
+``jobs/results/serve.md``:
+
+* ``direct``: Ray Serve's throughput-optimized mode with direct ingress. The replica runs the HTTP
+  server itself, on ``port``; Serve's proxy (on a free port beside it) is not on the request path.
+  Requests skip a process hop and its (de)serialisation: on small requests this is several times
+  the proxy's throughput, and on par with a plain uvicorn process. It needs the environment set
+  before Ray starts, so it applies when ``start`` starts a local Ray itself, with one replica.
+* ``proxy``: Serve's HTTP proxy on ``port`` balances requests over the replicas (any number, any
+  node). It is what a cluster (``RAY_ADDRESS``), several replicas or an already running Ray get.
+
+``auto`` picks ``direct`` where it applies, else ``proxy``.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -33,7 +47,9 @@ def _running_http_options():
 
     if not serve.status().proxies:
         return None
-    from ray.serve.context import _get_global_client  # the public API does not expose the running options
+    from ray.serve.context import (
+        _get_global_client,  # the public API does not expose the running options
+    )
 
     try:
         return _get_global_client().http_config
@@ -60,29 +76,84 @@ def _wait_ready(url: str, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+INGRESS = ("auto", "direct", "proxy")
+_direct: dict[str, int] = {}  # {"port": p} once this process started a Ray with direct ingress on p
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ingress_mode(ingress: str | None, replicas: int) -> str:
+    """``direct`` or ``proxy``: what ``ingress`` (or $DENSIRAY_SERVE_INGRESS, default auto) gives here."""
+    import ray
+
+    asked = ingress or os.environ.get("DENSIRAY_SERVE_INGRESS") or "auto"
+    if asked not in INGRESS:
+        raise DensirayError(f"ingress must be one of {', '.join(INGRESS)}, got {asked!r}")
+    fresh = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    can_direct = replicas == 1 and (fresh or "port" in _direct)
+    if asked == "direct" and not can_direct:
+        raise DensirayError("direct ingress needs one replica and a local Ray that densiray starts itself (no "
+                            "RAY_ADDRESS, Ray not yet started in this process); use ingress='proxy'")
+    return "direct" if asked == "direct" or (asked == "auto" and can_direct) else "proxy"
+
+
+def _direct_ingress_env(port: int, host: str) -> None:
+    """Ray Serve's throughput-optimized mode with the (single) replica's HTTP server on ``port``.
+
+    Read by Serve's controller and replicas when they start, hence set before Ray starts (the local
+    Ray inherits this process's environment)."""
+    import ray
+
+    if ray.is_initialized():  # started so by this process before: the replica port is fixed
+        if _direct["port"] != port:
+            raise DensirayError(f"this Ray serves direct ingress on port {_direct['port']}; pass that port")
+        return
+    if not _port_free(host, port):
+        raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
+    _direct["port"] = port
+    os.environ.update({
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, user code and router on the main loop, ...
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),  # the replica ports: [min, max)
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",  # no external balancer: a restarted replica takes the port back
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # drain for in-flight requests, not for an ALB
+    })
+
+
 def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-          batching: bool = True, **settings) -> str:
+          batching: bool | None = None, ingress: str | None = None, **settings) -> str:
     """Deploy the densiray app on Ray Serve (starting Serve on ``host:port`` if needed); returns its URL.
 
-    Uses the cluster in RAY_ADDRESS, else a local Ray. ``settings`` are further
-    :class:`~densiray.serve.settings.ServeSettings` (e.g. ``max_rows=1000``, ``replica_cpus=0.25``).
-    Returns once the app answers ``GET /healthz``.
+    Uses the cluster in RAY_ADDRESS, else a local Ray. ``ingress`` (``auto``, ``direct``, ``proxy``;
+    see the module's doc) says who answers on ``port``: the replica itself or Serve's proxy.
+    ``settings`` are further :class:`~densiray.serve.settings.ServeSettings` (e.g. ``max_rows=1000``,
+    ``replica_cpus=0.25``). Returns once the app answers ``GET /healthz``.
     """
-    resolved = ServeSettings.parse({"store": store, "replicas": replicas, "batching": batching, **settings})
+    if batching is not None:  # None: the settings' default
+        settings["batching"] = batching
+    resolved = ServeSettings.parse({"store": store, "replicas": replicas, **settings})
     from ray import serve
 
     from densiray.api import ensure_ray
     from densiray.serve.deployment import APP_NAME, build_app
 
+    mode = ingress_mode(ingress, resolved.replicas)
+    if mode == "direct":
+        _direct_ingress_env(port, host)
     ensure_ray(log_to_driver=False)
     running = _running_http_options()
-    if running is not None and (running.host, running.port) != (host, port):
+    proxy_port = port if mode == "proxy" else running.port if running is not None else _free_port(host)
+    if running is not None and (running.host, running.port) != (host, proxy_port):
         raise DensirayError(f"Ray Serve already runs on this cluster at http://{running.host}:{running.port}; "
                             f"pass --host {running.host} --port {running.port}, or stop it with `serve shutdown`")
-    if running is None and not _port_free(host, port):
-        raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
+    if running is None and not _port_free(host, proxy_port):
+        raise DensirayError(f"port {proxy_port} on {host} is in use by another program; pass another --port")
     # The proxy's access log costs CPU on every request; it follows the `access_log` setting.
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly",
+    serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly",
                 logging_config={"enable_access_log": resolved.access_log})
     serve.run(build_app(resolved.model_dump()), name=APP_NAME, route_prefix="/")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -101,3 +172,11 @@ def shutdown() -> None:
         serve.delete(APP_NAME)
     if not set(serve.status().applications) - {APP_NAME}:
         serve.shutdown()
+
+
+def forget_direct_ingress() -> None:
+    """After ``ray.shutdown()``: the next local Ray starts without the direct-ingress environment."""
+    for key in [k for k in os.environ if k.startswith(("RAY_SERVE_DIRECT_INGRESS_", "RAY_SERVE_PORT_QUARANTINE"))]:
+        del os.environ[key]
+    os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+    _direct.clear()

@@ -24,7 +24,9 @@ class ServeSettings(BaseModel):
     # Batching of log_prob (and score) requests across clients, and the size of one log_prob call.
     max_rows_per_call: int = Field(1024, ge=1, le=1_000_000, description="rows per log_prob call: bigger "
                                    "requests and batches are computed in slices (the cost per row grows beyond ~1k)")
-    batching: bool = Field(True, description="batch log_prob/score requests with serve.batch")
+    batching: bool = Field(False, description="batch log_prob/score requests with serve.batch (off by default: "
+                           "measured, it costs more CPU per request than it saves from 64 rows up; "
+                           "jobs/results/serve.md)")
     max_batch_size: int = Field(32, ge=1, le=4096, description="requests per batch")
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=1, description="how long a batch waits to fill (0: it takes "
                                         "what queued while the previous batch ran)")
@@ -33,6 +35,8 @@ class ServeSettings(BaseModel):
     max_samples: int = Field(10_000, ge=1, le=10_000_000, description="n per sample request")
     max_texts: int = Field(256, ge=1, le=100_000, description="texts per classify request")
     max_text_chars: int = Field(10_000, ge=1, le=10_000_000, description="characters per text")
+    max_condition_work: int = Field(4096, ge=1, le=100_000_000, description="n x steps per condition (or "
+                                    "stepped sample) request: bounds the sampler work one request asks for")
     max_body_bytes: int = Field(16 << 20, ge=1024, le=1 << 31, description="request body size (bytes)")
     access_log: bool = Field(False, description="log every request in the replica logs")
 

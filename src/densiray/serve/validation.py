@@ -7,6 +7,8 @@ text limits.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from densiray.errors import RequestError
@@ -20,7 +22,10 @@ EXAMPLES = {
     "score": '{"x": [[0.5, 0.25]], "percentile": 1}',
     "sample": '{"n": 16, "seed": 0}',
     "classify": '{"texts": ["great product"]}',
+    "condition": '{"coarse": [[0.1, 0.2], [0.3, 0.4]], "factor": 4, "noise": 0.1, "n": 8, "steps": 64, "seed": 0}',
 }
+ITEMS = {"x": ("rows", "row"), "texts": ("entries", "text"), "sensors": ("sensors", "sensor"),
+         "coarse": ("rows", "row")}
 
 
 def _where(loc: tuple) -> str:
@@ -74,10 +79,23 @@ def validation_error_message(errors: list[dict], endpoint: str) -> str:
         msg = f"{where} must be a whole JSON number, got {_shown(value)}{like}"
     elif kind == "string_type":
         msg = f"{where} must be a string, got {_shown(value)}{like}"
-    elif kind in ("greater_than_equal", "less_than_equal"):
-        bound = ctx.get("ge", ctx.get("le"))
-        side = "at least" if kind == "greater_than_equal" else "at most"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        bound = next(ctx[k] for k in ("ge", "le", "gt", "lt") if k in ctx)
+        side = {"greater_than_equal": "at least", "less_than_equal": "at most", "greater_than": "more than",
+                "less_than": "less than"}[kind]
         msg = f"{where} must be {side} {bound}, got {_shown(value)}"
+    elif kind == "too_short" and ctx.get("actual_length") == 0:
+        msg = f"{where} is empty; send at least one {ITEMS.get(where, ('', 'item'))[1]}{like}"
+    elif kind in ("too_short", "too_long"):
+        many, _ = ITEMS.get(where, ("items", "item"))
+        limit = (f"fewer than the {ctx.get('min_length')} needed" if kind == "too_short"
+                 else f"more than the {ctx.get('max_length')} allowed per request; split it into smaller requests")
+        msg = f"{where} has {ctx.get('actual_length')} {many}, {limit}"
+    elif kind == "string_too_long":
+        msg = (f"{where} has {len(value) if isinstance(value, str) else '?'} characters, more than the "
+               f"{ctx.get('max_length')} allowed; shorten or split it")
+    elif kind == "value_error":
+        msg = f"{where}: {str(first.get('msg', 'invalid')).removeprefix('Value error, ')}"
     else:
         msg = f"{where}: {first.get('msg', 'invalid')}{like}"
     more = len(errors) - 1
@@ -86,6 +104,36 @@ def validation_error_message(errors: list[dict], endpoint: str) -> str:
 
 def _bad(msg: str) -> RequestError:
     return RequestError(UNPROCESSABLE, msg)
+
+
+def check_grid(rows: list[list[float]], where: str) -> np.ndarray:
+    """``rows`` as a float64 2-D array, or a RequestError naming the first row of another length."""
+    width = len(rows[0]) if rows else 0
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise _bad(f"{where}[{i}] has {len(row)} values but {where}[0] has {width}; send rows of equal length")
+    return np.asarray(rows, dtype=np.float64)
+
+
+def to_json(value: object) -> object:
+    """``value`` (arrays, numpy scalars, dicts, lists) as plain JSON values; null where a float is not finite."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f":
+            out = value.astype(object)
+            out[~np.isfinite(value)] = None
+            return out.tolist()
+        return to_json(value.tolist())
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
+        return to_json(value.detach().cpu().numpy())
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def check_rows(x: list[list[float]], dim: int, name: str, settings: ServeSettings) -> np.ndarray:
@@ -126,4 +174,5 @@ def check_texts(texts: list[str], settings: ServeSettings) -> list[str]:
 
 def finite_or_none(values: np.ndarray) -> list[float | None]:
     """Floats for JSON, with None where a value is not finite (JSON has no NaN or infinity)."""
-    return [v if v == v and abs(v) != float("inf") else None for v in np.asarray(values, dtype=float).tolist()]
+    isfinite = math.isfinite
+    return [v if isfinite(v) else None for v in np.asarray(values, dtype=float).tolist()]
