@@ -172,7 +172,7 @@ def _serve(args) -> int:
     _stop_on_sigterm()  # during start-up too
     try:
         url = ds.start(store=args.store, host=args.host, port=args.port, replicas=args.replicas,
-                       batching=False if args.no_batching else None)
+                       batching=args.batching or None, ingress=args.ingress)
         _stop_on_sigterm()  # again: starting Ray installed its own handler
         print(f"densiray: serving the models in {store.uri} at {url}  (API docs: {url}/docs)")
         if not store.list():
@@ -290,7 +290,11 @@ def _serve_parsers(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=1, help="Serve replicas (each takes 0.5 CPU)")
-    s.add_argument("--no-batching", action="store_true", help="compute each log_prob request on its own")
+    s.add_argument("--batching", action="store_true",
+                   help="batch log_prob requests across clients (off by default: measured slower from 64 rows up)")
+    s.add_argument("--ingress", choices=["auto", "direct", "proxy"],
+                   help="who answers on the port: the replica itself (direct; default with one local replica) "
+                        "or Serve's proxy")
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("quickstart", help="tune a DNMM, serve the winner on Ray Serve, query it; all on a local Ray")
