@@ -20,6 +20,15 @@ from densiray.models.diffusion import (DiffusionConfig, DiffusionModel, EDMDenoi
 TINY_SIM = {"resolution": 16, "fine": 32, "trajectories": 4, "snapshots": 8, "spinup": 10.0, "interval": 1.0}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is much faster than several on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSIRAY_CACHE", str(tmp_path / "cache"))
