@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--gamma", type=float, default=0.1)
     ap.add_argument("--store", default=None)
+    ap.add_argument("--budget-note", default="", help="how the training budget was bounded (written to the results)")
     ap.add_argument("--reuse", action="store_true", help="condition with the model already in --store (no training)")
     ap.add_argument("--out", default="jobs/results")
     args = ap.parse_args()
@@ -145,7 +146,7 @@ def main() -> None:
                     "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "workers": 0},
                     "hardware": "CPU only, 2 cores shared with 5 other jobs (load average 30-50), 1 torch thread",
                     "train_wall_s": round(train_wall, 1), "condition_wall_s": round(cond_wall, 1),
-                    "budget": "training capped by epochs chosen to fit about 10-15 min wall-clock on this machine",
+                    "budget": args.budget_note or f"{args.epochs} epochs, workers 0 (in-process engine)",
                     "posterior": {"method": "gaussian (score-based data assimilation)", "gamma": args.gamma,
                                   "n": args.n, "steps": args.steps, "sampler": "EDM Heun"},
                     "held_out_fields": len(pick)},
@@ -193,7 +194,7 @@ def write_markdown(res: dict, path: Path) -> None:
         f"{st['resolution']}x{st['resolution']} vorticity fields ({st['fields']}); split by trajectory "
         f"{st['split']}. U-Net base {st['model']['base']}, EDM preconditioning, EMA {st['model']['ema_decay']}; "
         f"{res['training']['epochs_run']} epochs (batch {st['train']['batch_size']}, lr {st['train']['lr']}) in "
-        f"{st['train_wall_s']:.0f} s wall-clock including export; {st['hardware']}. Posterior: "
+        f"{st['train_wall_s']:.0f} s of training ({st['budget']}); {st['hardware']}. Posterior: "
         f"{st['posterior']['method']}, gamma {st['posterior']['gamma']}, n = {st['posterior']['n']} samples, "
         f"{st['posterior']['steps']} Heun steps; {st['held_out_fields']} held-out fields.",
         "",

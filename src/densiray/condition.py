@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=64, help="sampler steps (default 64)")
     c.add_argument("--method", choices=["gaussian", "dps"], default="gaussian",
                    help="likelihood-score approximation: gaussian (score-based data assimilation) or dps")
-    c.add_argument("--gamma", type=float, help="gaussian: variance term gamma (default 0.1)")
+    c.add_argument("--gamma", type=float, help="gaussian: variance term gamma (default 0.16)")
     c.add_argument("--zeta", type=float, help="dps: step size zeta (default 0.5)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--truth", help="the true field (.npy), for the figure and the RMSE")

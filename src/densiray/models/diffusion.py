@@ -28,8 +28,10 @@ point sensors, or both stacked. Two approximations of the likelihood score ∇_{
 both through Tweedie's x̂_0 = D(x_σ; σ):
 
 * ``gaussian`` (score-based data assimilation, Rozet & Louppe 2023, github.com/francois-rozet/sda):
-  p(y | x_σ) ≈ N(y; A(x̂_0), (σ_y² + γ σ²) I), added to the prior score inside the Heun sampler
-  (D_post = D + σ² ∇ log p(y | x_σ));
+  p(y | x_σ) ≈ N(y; A(x̂_0), diag(σ_y² + γ σ² ‖a_i‖²)), added to the prior score inside the Heun
+  sampler (D_post = D + σ² ∇ log p(y | x_σ)). ‖a_i‖² (1/k² for a k×k block mean, 1 for a point
+  sensor) is the variance an isotropic error of x̂_0 leaves in observation i, so one γ serves both
+  kinds (with γ alone, a γ small enough for block means makes point sensors diverge);
 * ``dps`` (Chung et al. 2023, Diffusion Posterior Sampling): after each step,
   x ← x − ζ ∇_{x_σ} ‖y − A(x̂_0)‖² / ‖y − A(x̂_0)‖ (per field).
 
@@ -383,6 +385,16 @@ class Observation:
             parts.append(x[:, c, i, j])
         return torch.cat(parts, dim=1)
 
+    def weights(self) -> torch.Tensor:
+        """‖a_i‖² of every row of A: 1/k² for block means, 1 for point sensors."""
+        c, h, w = self.shape
+        parts = []
+        if self.factor is not None:
+            parts.append(torch.full((c * (h // self.factor) * (w // self.factor),), 1.0 / self.factor**2))
+        if self.sensors is not None:
+            parts.append(torch.ones(len(self.sensors)))
+        return torch.cat(parts)
+
     @property
     def size(self) -> int:
         c, h, w = self.shape
@@ -391,7 +403,7 @@ class Observation:
 
 
 def condition(denoise: Denoiser, op: Observation, y: torch.Tensor, sigma_y: float | torch.Tensor, n: int, *,
-              steps: int = 64, method: str = "gaussian", gamma: float = 0.1, zeta: float = 0.5,
+              steps: int = 64, method: str = "gaussian", gamma: float = 0.16, zeta: float = 0.5,
               sampler: str = "heun", churn: float = 0.0, sigma_min: float = 0.002, sigma_max: float = 80.0,
               rho: float = 7.0, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
     """``n`` posterior samples (n, C, H, W) given y = A(x) + N(0, σ_y²) (``y``: (m,), units of x)."""
@@ -399,13 +411,15 @@ def condition(denoise: Denoiser, op: Observation, y: torch.Tensor, sigma_y: floa
     sigma_y = torch.as_tensor(sigma_y, dtype=torch.float32)
     shape = (n, *op.shape)
     if method == "gaussian":
+        a2 = op.weights()
+
         def posterior(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             sigma = float(s[0])
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
                 x0 = denoise(x, s)
                 r = y - op(x0)
-                log_p = -0.5 * (r**2 / (sigma_y**2 + gamma * sigma**2)).sum()
+                log_p = -0.5 * (r**2 / (sigma_y**2 + gamma * sigma**2 * a2)).sum()
                 (g,) = torch.autograd.grad(log_p, x)
             return x0.detach() + sigma**2 * g
 
@@ -589,7 +603,7 @@ class DiffusionModel:
         ch = ch.astype(np.int64)
         y_norm = (y - self.mean[ch]) / self.std[ch]
         sigma_y = torch.as_tensor(noise / self.std[ch], dtype=torch.float32)
-        gamma = 0.1 if gamma is None else float(gamma)
+        gamma = 0.16 if gamma is None else float(gamma)
         zeta = 0.5 if zeta is None else float(zeta)
         g = torch.Generator().manual_seed(int(seed))
         c = self.config
