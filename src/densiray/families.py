@@ -162,3 +162,24 @@ register(Family(
         "eps": {"type": float, "help": "epsilon of the density loss a^2/(a^2+eps)"},
     },
 ))
+
+register(Family(
+    kind="diffusion",
+    description="score-based diffusion prior of physical fields (EDM), conditioned zero-shot on coarse/sparse data",
+    task="densiray.train.diffusion:DiffusionTask",
+    loader="densiray.models.diffusion:load_exported",
+    model_config="densiray.models.diffusion:DiffusionConfig",
+    default_space="densiray.train.diffusion:default_space",
+    summary="densiray.train.diffusion:summary_lines",
+    columns="densiray.train.diffusion:list_columns",
+    datasets="kolmogorov (a simulated 2-D Kolmogorov flow, cached) or a .npy/.npz file of (N, C, H, W) fields",
+    # TrainConfig has no ema_decay yet: the EMA lives in the model (model.ema_decay, default 0.999)
+    train_defaults={"lr": 5e-4, "batch_size": 32, "epochs": 50, "patience": 10, "weight_decay": 0.0},
+    flags={
+        "resolution": {"type": int, "help": "field grid (kolmogorov: simulated and coarsened to it, default 64; "
+                                            "files: block-averaged to it)"},
+        "base": {"type": int, "help": "U-Net channels at full resolution (default 32)"},
+        "blocks": {"type": int, "help": "residual blocks per U-Net level (default 1)"},
+        "ema_decay": {"type": float, "help": "EMA decay of the exported weights (default 0.999; 0: off)"},
+    },
+))
