@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tune_parser(sub)
     _bench_parser(sub)
     _serve_parsers(sub)
+    from densiray import condition
+
+    condition.add_parser(sub)
     return p
 
 

@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--truth", help="the true field (.npy), for the figure and the RMSE")
     c.add_argument("--samples", action="store_true", help="also write samples.npy")
-    c.add_argument("--store", help="model store (default: $DENSIRAY_STORE or ~/.densiray/models)")
+    c.add_argument("--store", help="model store (default $DENSIRAY_STORE or ./models)")
     c.add_argument("--out", default="condition", help="output folder (default ./condition)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.set_defaults(func=run)

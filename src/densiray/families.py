@@ -173,7 +173,8 @@ register(Family(
     summary="densiray.train.diffusion:summary_lines",
     columns="densiray.train.diffusion:list_columns",
     datasets="kolmogorov (a simulated 2-D Kolmogorov flow, cached) or a .npy/.npz file of (N, C, H, W) fields",
-    # TrainConfig has no ema_decay yet: the EMA lives in the model (model.ema_decay, default 0.999)
+    # The EMA lives in the model (model.ema_decay, default 0.999) rather than the engine's (train.ema_decay):
+    # it warms up (beta = min(decay, (1 + step) / (10 + step))), which short runs need; the engine's does not yet.
     train_defaults={"lr": 5e-4, "batch_size": 32, "epochs": 50, "patience": 10, "weight_decay": 0.0},
     flags={
         "resolution": {"type": int, "help": "field grid (kolmogorov: simulated and coarsened to it, default 64; "
