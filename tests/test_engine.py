@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import densiray
 from densiray.api import RunSpec, build_task, runs_uri
 from densiray.train.engine import TrainConfig, fit
-from safetensors.torch import load_file
 
 SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
 
@@ -142,9 +142,8 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
     while time.time() < deadline and not _registered_checkpoints(run_dir):
         time.sleep(0.2)
     assert _registered_checkpoints(run_dir), "Ray Train registered no checkpoint within 180 s"
-    from ray.util.state import list_actors
-
     import ray
+    from ray.util.state import list_actors
 
     # only this job's live workers (the CLI tests' drivers are other jobs on the same cluster)
     job = ray.get_runtime_context().get_job_id()

@@ -34,11 +34,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from densiray.train.task import StepContext, Task
-
 
 # ---------------------------------------------------------------------------------------------------
 # the baseline (plain PyTorch; measured against, never used by the product)
@@ -112,10 +112,10 @@ class SyntheticBertTask(Task):
     mode = "min"
     precision = "auto"
 
-    SIZES = {"minilm": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-                        "intermediate_size": 1536},  # ~22 M parameters (all-MiniLM-L6-v2's shape)
-             "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                            "intermediate_size": 4096}}  # ~335 M parameters
+    SIZES: ClassVar[dict] = {"minilm": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                                        "intermediate_size": 1536},  # ~22 M parameters (MiniLM-L6's shape)
+                             "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                                            "intermediate_size": 4096}}  # ~335 M parameters
 
     def __init__(self, size: str = "minilm", rows: int = 4096, seq: int = 128, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -327,16 +327,16 @@ def write_results(doc: dict, out: str) -> None:
     (target / "engine.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     m = doc["machine"]
     lines = ["# Engine against plain PyTorch: same Task, data and optimizer steps", "",
-             f"Machine: {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs visible; {m['platform']}), torch {m['torch']}, "
-             f"Ray {m['ray']}, DeepSpeed {m['deepspeed']}; load average (1/5/15 min) {m.get('load_average_at_start')} at "
-             f"the start, {m.get('load_average_at_end')} at the end (a shared machine). {doc['repeats']} interleaved "
-             "repeats, medians. "
-             "Plain = the hand-written baseline loop (`densiray.bench.engine.plain_pytorch_baseline`) in a fresh "
-             "Ray worker process; engine = `densiray.train.engine.fit` with one Ray Train worker. samples/s count "
-             "training steps only; first step = from the driver's call to the end of the first optimizer step; "
-             "memory = the training process's peak (RSS on CPU, allocated on GPU).", "",
-             "| case | device | engine strategy | steps | repeats | plain samples/s | engine samples/s | ratio | "
-             "first step plain / engine (s) | peak MB plain / engine |",
+             (f"Machine: {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs visible; {m['platform']}), torch {m['torch']}, "
+              f"Ray {m['ray']}, DeepSpeed {m['deepspeed']}; load average (1/5/15 min) {m.get('load_average_at_start')} "
+              f"at the start, {m.get('load_average_at_end')} at the end (a shared machine). {doc['repeats']} "
+              "interleaved repeats, medians. "
+              "Plain = the hand-written baseline loop (`densiray.bench.engine.plain_pytorch_baseline`) in a fresh "
+              "Ray worker process; engine = `densiray.train.engine.fit` with one Ray Train worker. samples/s count "
+              "training steps only; first step = from the driver's call to the end of the first optimizer step; "
+              "memory = the training process's peak (RSS on CPU, allocated on GPU)."), "",
+             ("| case | device | engine strategy | steps | repeats | plain samples/s | engine samples/s | ratio | "
+              "first step plain / engine (s) | peak MB plain / engine |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in doc["cases"]:
         if c.get("skipped"):

@@ -312,7 +312,7 @@ class DDPEngine:
 def _module_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """fp32 copies on CPU of a module's state (or of its trainable parameters only)."""
     if trainable_only:
-        return {k: v.detach().float().cpu().clone() for k, v in module.named_parameters() if v.requires_grad}
+        return {k: v.detach().float().cpu().clone().contiguous() for k, v in module.named_parameters() if v.requires_grad}
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone().contiguous()
             for k, v in module.state_dict().items()}
 
@@ -647,7 +647,7 @@ def _validate(run: _Run, state: LoopState, train_metrics: dict, seconds: float) 
         state.bad_epochs += 1
     state.epoch = epoch + 1
     state.done = state.epoch >= tc.epochs or (tc.patience > 0 and state.bad_epochs >= tc.patience)
-    lr = [g["lr"] for g in _optimizer(run.engine).param_groups][0]
+    lr = _optimizer(run.engine).param_groups[0]["lr"]
     metrics = {"epoch": epoch, **train_metrics, **val, "best_epoch": state.best_epoch,
                f"best_{task.metric}": state.best if state.best is not None else float("nan"),
                "lr": lr, "epoch_time_s": seconds, "peak_memory_mb": peak_memory_mb(run.device),
