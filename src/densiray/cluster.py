@@ -172,6 +172,9 @@ class LocalCluster:
             if self._wait_nodes(len(self.nodes), deadline, node):
                 return
             _stop_group(node.pid)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
+            if index is None:
+                self.nodes.remove(node)
         raise RuntimeError(f"Ray node {node.name} did not start in {attempts} attempts; see {node.log}")
 
     def _start_worker(self, i: int) -> NodeProc:
