@@ -49,9 +49,40 @@ def _free_port() -> int:
 
 
 def _ray_cli() -> list[str]:
-    """The ``ray`` command of this Python environment."""
-    exe = Path(sys.executable).with_name("ray")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+    """``ray`` of this Python environment, run through :func:`_patient_ray` (see there)."""
+    return [sys.executable, "-m", "densiray.cluster", "_ray"]
+
+
+def _patient_ray(argv: list[str]) -> None:
+    """Ray's command line, with a node's start-up wait stretched from Ray's fixed 30 s to
+    ``$DENSIRAY_NODE_START_WAIT_S`` (default 300 s).
+
+    ``ray start`` gives up when its raylet has not registered with the GCS within 30 s; on a busy
+    machine (a laptop running a test suite, a shared CI runner) that happens, and the node exits.
+    The wait polls ``ray._private.services.get_node``; this keeps that call retrying longer."""
+    wait_s = float(os.environ.get("DENSIRAY_NODE_START_WAIT_S", "300"))
+    try:
+        import ray._private.services as services
+
+        original = services.get_node
+
+        def get_node(gcs_address, node_id):
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    return original(gcs_address, node_id)
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
+
+        services.get_node = get_node
+    except (ImportError, AttributeError):  # another Ray version: its own wait applies
+        pass
+    from ray.scripts.scripts import main as ray_main
+
+    sys.argv = ["ray", *argv]
+    ray_main()
 
 
 @dataclass
@@ -103,6 +134,8 @@ class LocalCluster:
         env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env.setdefault("RAY_AUTH_MODE", "token")  # Ray's token auth (~/.ray/auth_token), created if missing
+        # a raylet dies when its Python agents take over 15 s to start, as they do on a busy machine
+        env.setdefault("RAY_agent_register_timeout_ms", "300000")
         return env
 
     def _ports(self) -> list[str]:
@@ -134,7 +167,7 @@ class LocalCluster:
         return cls(**data)
 
     # ----------------------------------------------------------------------------------------------
-    def up(self, timeout: float = 300.0, wait_for_jobs: bool = True, attempts: int = 3) -> LocalCluster:
+    def up(self, timeout: float = 600.0, wait_for_jobs: bool = True, attempts: int = 3) -> LocalCluster:
         """Start the head, then each worker node in turn (waiting for each), then wait for the job agent.
 
         A node whose raylet does not register within Ray's fixed 30 s (a busy machine) exits; it is
@@ -373,6 +406,10 @@ def _default_root() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_ray"]:  # internal: how the nodes are started
+        _patient_ray(argv[1:])
+        return 0
     p = argparse.ArgumentParser(prog="python -m densiray.cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["up", "down", "status"])
     p.add_argument("--dir", default=_default_root(),
@@ -381,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
     p.add_argument("--worker-cpus", type=int, default=1, help="CPUs per worker node (default 1)")
     p.add_argument("--head-cpus", type=int, default=0, help="CPUs of the head (default 0: no work there)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all nodes and the job agent")
     args = p.parse_args(argv)
     state = Path(args.dir, STATE)
     if args.command == "up":
@@ -388,8 +426,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"a cluster is already up (state in {state}); run `python -m densiray.cluster down` first",
                   file=sys.stderr)
             return 2
+        def interrupted(signum, frame):  # SIGTERM while starting: stop what was started, like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupted)
         cluster = LocalCluster(root=args.dir, workers=args.workers, worker_cpus=args.worker_cpus,
-                               head_cpus=args.head_cpus).up()
+                               head_cpus=args.head_cpus).up(timeout=args.timeout)
         print(f"Ray cluster up: {len(cluster.nodes)} nodes ({', '.join(n.name for n in cluster.nodes)})")
         print(f"  drivers:  RAY_ADDRESS={cluster.address}")
         print(f"  jobs:     ray job submit --address {cluster.dashboard} --working-dir . -- "
