@@ -68,7 +68,7 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
     opt = optimizer
     for _ in range(5):
-        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
             groups = getattr(opt, name, None)
             if isinstance(groups, list):
                 found += [g for g in groups if isinstance(g, torch.Tensor)]
