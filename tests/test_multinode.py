@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # node starts alone take minutes on a busy machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
