@@ -231,11 +231,17 @@ class LocalCluster:
         return [n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in nodes]
 
     def _wait_nodes(self, count: int, deadline: float, starting: NodeProc) -> bool:
-        """Wait until the head lists ``count`` alive nodes; False if ``starting`` exited meanwhile."""
+        """Wait until the head lists ``count`` alive nodes; False if ``starting`` exited meanwhile or its
+        raylet died (a raylet whose agents start too slowly aborts while ``ray start`` keeps waiting)."""
+        seen_raylet = False
         while True:
             if len(self._alive()) >= count:
                 return True
             if not _running(starting.pid):
+                return False
+            if _raylet_pid(starting.pid) is not None:
+                seen_raylet = True
+            elif seen_raylet:
                 return False
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(self._alive())} of {count} Ray nodes came up; see {self.root}/*.log")
