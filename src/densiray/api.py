@@ -208,7 +208,8 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
 
     import ray
 
-    provenance = {"run_name": name, "run_path": result.run_path, "checkpoint": result.checkpoint_path,
+    provenance = {"run_name": name, "run_path": _with_scheme(result.run_path, run_path),
+                  "checkpoint": _with_scheme(result.checkpoint_path, run_path),
                   f"initial_{task.metric}": result.state.get("initial"), "best_epoch": result.state["best_epoch"],
                   "epochs_run": result.state["epoch"], "train_time_s": round(train_time, 2), "ray_version": ray.__version__,
                   "workers": tc.workers, "strategy": result.strategy, "zero_stage": result.zero_stage,
@@ -221,6 +222,13 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
             "epochs_run": provenance["epochs_run"], "train_time_s": provenance["train_time_s"],
             "plot": f"{path}/report.png" if "report.png" in manifest["files"] else None,
             "resumed": action == "resume", "log": str(log) if log else None}
+
+
+def _with_scheme(path: str, like: str) -> str:
+    """``path`` as a URI with the scheme of ``like`` (Ray reports s3:// paths without their scheme)."""
+    if "://" in like and path and "://" not in path:
+        return f"{like.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
 
 
 def export_trained(task, weights: dict, *, name: str, store: str | None, provenance: dict, train_config: dict,
