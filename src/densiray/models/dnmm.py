@@ -63,7 +63,8 @@ class DNMMConfig(BaseModel):
     bound: float = Field(4.0, gt=0, le=20, description="proper variant: |g_i| <= bound")
     rho: float = Field(0.1, ge=0, description="weight of the soft constraint rho * sum_i (1 - Z_i)^2")
     integration_samples: int = Field(512, ge=16, description="Monte Carlo samples per component per step")
-    eval_integration_samples: int = Field(32768, ge=256, description="samples per component for evaluation")
+    eval_integration_samples: int = Field(16384, ge=256, description="samples per component for evaluation "
+                                          "(a fixed draw: every epoch is scored on the same points)")
     box_margin: float = Field(0.1, ge=0, description="bounded variant: box = data range widened by this fraction")
     init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
     train_base: bool | None = Field(

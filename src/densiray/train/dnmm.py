@@ -133,7 +133,14 @@ class DNMMTask(Task):
     def report_plot(self, model: DNMM, history: list[dict], title: str) -> bytes:
         from densiray.plots import density_report
 
-        return density_report(model, self.test_x, history, title=title)
+        return density_report(model, self.test_x, history, title=title, initial=self.initial_val_log_lik())
+
+    @torch.no_grad()
+    def initial_val_log_lik(self) -> float:
+        """Validation log-likelihood of the untrained model (the fitted base mixture: g = 0)."""
+        initial = self.build_model().eval()
+        initial.freeze_normalizers(n=16384, seed=0)
+        return float(initial.log_prob(torch.from_numpy(self.val_x)).mean())
 
     def build_model(self) -> DNMM:
         module = DNMM(self.config)
