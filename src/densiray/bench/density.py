@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -102,6 +103,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
                                    else [".venv/bin/python", *sys.argv]),
                "budget": {"trials": trials, "epochs_per_trial": epochs, "time_budget_s": time_budget_s,
                           "trial": "1 CPU, in-process DeepSpeed rank; 2 trials at a time on this 2-core machine"},
+               "load_average_at_start": round(os.getloadavg()[0], 1),
                "units": "mean test log-likelihood, nats per sample of standardised rows (± standard error)",
                "datasets": previous.get("datasets", {})}
     for name in datasets:
@@ -111,15 +113,16 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
         per_row: dict[str, np.ndarray] = {}
         if not baselines and name in results["datasets"]:  # keep the earlier run's baseline rows
             row["estimators"] = {k: v for k, v in results["datasets"][name]["estimators"].items() if k != "dnmm"}
-        if baselines:
-            for est, fn in (("kde", lambda: fit_kde(tr, te)), ("gmm", lambda: fit_gmm(tr, va, te)),
-                            ("maf", lambda: fit_baseline_flow("maf", tr, va, te, seed=seed)),
-                            ("nsf", lambda: fit_baseline_flow("nsf", tr, va, te, seed=seed))):
-                t0 = time.perf_counter()
-                lp, info = fn()
-                per_row[est] = lp
-                row["estimators"][est] = {**_summary(lp), "fit_time_s": round(time.perf_counter() - t0, 2), **info}
-                print(f"[{name}] {est}: {row['estimators'][est]['test_log_lik']:.3f}", flush=True)
+        fits = (("kde", lambda: fit_kde(tr, te)), ("gmm", lambda: fit_gmm(tr, va, te)),
+                ("maf", lambda: fit_baseline_flow("maf", tr, va, te, seed=seed)),
+                ("nsf", lambda: fit_baseline_flow("nsf", tr, va, te, seed=seed)))
+        # without baselines the cheap ones (KDE, GMM) are still refitted: the paired comparison needs their rows
+        for est, fn in fits if baselines else fits[:2]:
+            t0 = time.perf_counter()
+            lp, info = fn()
+            per_row[est] = lp
+            row["estimators"][est] = {**_summary(lp), "fit_time_s": round(time.perf_counter() - t0, 2), **info}
+            print(f"[{name}] {est}: {row['estimators'][est]['test_log_lik']:.3f}", flush=True)
         s = tune("dnmm", name, settings={"trials": trials, "epochs": epochs, "time_budget_s": time_budget_s,
                                          "seed": seed}, name=f"bench-{name}", store=store, restart=True)
         model = load_model(s["name"], store=store)
@@ -142,6 +145,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
         if name in REFERENCE:
             row["reference"] = dict(zip(("kde", "gmm", "maf", "nsf"), REFERENCE[name]))
         results["datasets"][name] = row
+        results["load_average_at_end"] = round(os.getloadavg()[0], 1)
         (out / "density.json").write_text(json.dumps(results, indent=2))
         (out / "density.md").write_text(markdown(results))
     return results
@@ -152,6 +156,9 @@ def markdown(results: dict) -> str:
     lines = ["# Density benchmark: tuned DNMM vs KDE, GMM, MAF, NSF\n",
              f"{results['units']}. Machine: {results['machine']}. Regenerate: `{results['command']}`.\n",
              f"DNMM tuning budget: {results['budget']}.\n",
+             f"Load average of the machine (1 min) at start / end: {results.get('load_average_at_start', '?')} / "
+             f"{results.get('load_average_at_end', '?')} (a shared machine finishes fewer trials and epochs "
+             "in the same time budget).\n",
              "| dataset | d | " + " | ".join(c.upper() if c != "dnmm" else "DNMM (tuned)" for c in cols)
              + " | DNMM − best baseline (paired) | DNMM trials run | DNMM fit time |",
              "|---|---|" + "---|" * len(cols) + "---|---|---|"]
