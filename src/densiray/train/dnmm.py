@@ -120,11 +120,15 @@ class DNMMTask(Task):
         return new
 
     def warm(self, space: dict) -> None:
-        """Fit every warp (and its base selection) the sweep's ``space`` can ask for, once, here on the
-        driver: trials then share them instead of each fitting its own."""
-        spec = space.get("model.warp", "none")
-        for value in (spec.get("choice", []) if isinstance(spec, dict) else [spec]):
-            self.with_model({"warp": value})
+        """Fit every warp and base mixture (components x warp) the sweep's ``space`` can ask for, once,
+        here on the driver: trials then share them instead of each fitting its own."""
+        def choices(key: str, default):
+            spec = space.get(key, default)
+            return spec.get("choice", [default]) if isinstance(spec, dict) else [spec]
+
+        for warp in choices("model.warp", self.requested_model.get("warp", "none")):
+            for components in choices("model.components", self.requested_model.get("components", "auto")):
+                self.with_model({"warp": warp, "components": components})
 
     def describe(self) -> dict:
         return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump(),
