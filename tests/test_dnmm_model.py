@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from pydantic import ValidationError
 
 from densiray.models.dnmm import DNMM, BoundedDNMM, DNMMConfig, ProperDNMM, build_dnmm, select_base

@@ -36,6 +36,10 @@ TRUTH = {"moons": -1.092, "rings": -1.554, "checkerboard": -1.801}
 TARGET = {"moons": -1.113, "rings": -1.582, "checkerboard": -1.888}
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def targets(row: dict, name: str) -> dict | None:
     """Whether the tuned DNMM met issue 14's targets on this dataset (None: no DNMM or baselines)."""
     vs, est = row.get("vs_best_baseline"), row["estimators"].get("dnmm")
@@ -186,7 +190,6 @@ def markdown(results: dict) -> str:
         t = row.get("targets")
         if not t:
             continue
-        verdict = lambda ok: "met" if ok else "MISSED"  # noqa: E731
         part = f"paired difference ≥ 0: {verdict(t['paired_diff_ge_0'])}"
         if "target" in t:
             part += (f"; ≥ 2 paired SE: {verdict(t['paired_ge_2se'])} ({t['paired_z']:+.1f} SE); a third of the way "

@@ -224,11 +224,12 @@ class DNMM(nn.Module):
     integral_method: ClassVar[str] = ""
 
     def __new__(cls, cfg: DNMMConfig | None = None, *args, **kwargs):
+        target = cls
         if cls is DNMM:  # the base class builds the variant the config names
             if cfg is None:
                 raise TypeError("DNMM(cfg) needs a DNMMConfig")
-            cls = VARIANTS[cfg.variant]
-        return super().__new__(cls)
+            target = VARIANTS[cfg.variant]
+        return super().__new__(target)
 
     def __init__(self, cfg: DNMMConfig):
         super().__init__()

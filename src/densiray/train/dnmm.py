@@ -14,7 +14,6 @@ from densiray.models.dnmm import DNMM, VARIANTS, DNMMConfig, fit_gmm, make_warp,
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
 
-
 CALIBRATION_PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
