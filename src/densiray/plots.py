@@ -68,7 +68,8 @@ def density_report(module, test_z: np.ndarray, history: list[dict], title: str, 
         axes[3].plot(epochs, [-h["train_nll"] for h in history if metric in h], label="train log-lik", alpha=0.6)
     if initial is not None and np.isfinite(initial):
         axes[3].axhline(initial, color="0.4", ls="--", lw=1, label=f"before training ({initial:.4f})")
-        finite = [h[metric] for h in history if metric in h and np.isfinite(h[metric])]
+        finite = [v for h in history if metric in h
+                  for v in (h[metric], -h.get("train_nll", h[metric])) if np.isfinite(v)]
         if finite:  # zoom on the part of the curve around and above the starting point
             lo = min(initial, np.quantile(finite, 0.1))
             hi = max(initial, max(finite))
