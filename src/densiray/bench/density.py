@@ -109,7 +109,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
                           "trial": "1 CPU, in-process DeepSpeed rank; 2 trials at a time on this 2-core machine"},
                "load_average_at_start": round(os.getloadavg()[0], 1),
                "units": "mean test log-likelihood, nats per sample of standardised rows (± standard error)",
-               "datasets": previous.get("datasets", {})}
+               "datasets": previous.get("datasets", {}), "datasets_this_run": list(datasets)}
     for name in datasets:
         task = build_task("dnmm", RunSpec(dataset=name))
         tr, va, te = (task.train_x.astype(np.float64), task.val_x.astype(np.float64), task.test_x.astype(np.float64))
@@ -160,6 +160,9 @@ def markdown(results: dict) -> str:
     lines = ["# Density benchmark: tuned DNMM vs KDE, GMM, MAF, NSF\n",
              f"{results['units']}. Machine: {results['machine']}. Regenerate: `{results['command']}`.\n",
              f"DNMM tuning budget: {results['budget']}.\n",
+             *([f"Rows rerun with this budget: {', '.join(results['datasets_this_run'])}; the other rows come from an "
+                "earlier run (its budget is in the git history of this file).\n"]
+               if set(results.get("datasets_this_run") or results["datasets"]) != set(results["datasets"]) else []),
              f"Load average of the machine (1 min) at start / end: {results.get('load_average_at_start', '?')} / "
              f"{results.get('load_average_at_end', '?')} (a shared machine finishes fewer trials and epochs "
              "in the same time budget).\n",
