@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from densiray.models.dnmm import DNMM, DNMMConfig, select_base
+from densiray.models.dnmm import DNMM, BoundedDNMM, DNMMConfig, ProperDNMM, build_dnmm, select_base
 
 
 def _grid(lim: float, n: int):
@@ -106,6 +107,7 @@ def test_training_steps_raise_the_likelihood():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-2, 0.3, (400, 2)), rng.normal(2, 0.3, (400, 2))]).astype(np.float32)
     m = DNMM(DNMMConfig(dim=2, components=2, covariance="diag", init="random"))
+    assert m.loc.requires_grad  # init random trains the base Gaussians
     m.init_from_data(x)
     xt = torch.from_numpy(x)
     opt = torch.optim.Adam(m.parameters(), lr=3e-2)
@@ -130,8 +132,45 @@ def test_unfrozen_model_refuses_log_prob_and_bad_config():
         DNMM(DNMMConfig())
     with pytest.raises(ValueError, match="auto"):
         DNMM(DNMMConfig(dim=2))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="componnts"):
         DNMMConfig(dim=2, componnts=3)
+    with pytest.raises(ValidationError, match="warp needs the proper variant"):
+        DNMMConfig(dim=2, variant="bounded", warp="nsf")
+    with pytest.raises(ValidationError, match="train_base"):
+        DNMMConfig(dim=2, init="random", train_base=False)
+
+
+@pytest.mark.parametrize("variant, cls", [("proper", ProperDNMM), ("bounded", BoundedDNMM)])
+def test_each_variant_is_its_own_class_and_round_trips_its_state(variant, cls):
+    cfg = DNMMConfig(dim=2, components=2, covariance="full", hidden=8, variant=variant)
+    m = DNMM(cfg)
+    assert type(m) is cls and type(build_dnmm(cfg)) is cls and m.variant == variant
+    m.init_from_data(np.random.default_rng(0).normal(size=(200, 2)))
+    m.freeze_normalizers(n=4096)
+    again = DNMM(DNMMConfig(**cfg.model_dump()))  # what the loader does with an exported config
+    again.load_state_dict(m.state_dict(), strict=True)
+    x = torch.tensor([[0.1, -0.2], [1.0, 0.5]])
+    assert torch.equal(m.log_prob(x), again.log_prob(x))
+    with pytest.raises(ValueError, match="variant"):
+        cls(cfg.model_copy(update={"variant": "bounded" if variant == "proper" else "proper"}))
+
+
+def test_proper_variant_keeps_the_fitted_gaussians_unless_asked():
+    x = np.random.default_rng(0).normal(size=(300, 2))
+    fixed = DNMM(DNMMConfig(dim=2, components=2, covariance="full"))
+    trained = DNMM(DNMMConfig(dim=2, components=2, covariance="full", train_base=True))
+    random_init = DNMM(DNMMConfig(dim=2, components=2, covariance="full", init="random"))
+    assert not any(p.requires_grad for p in (fixed.loc, fixed.tril, fixed.log_diag))
+    assert fixed.logits.requires_grad and all(p.requires_grad for p in fixed.nets.parameters())
+    assert trained.loc.requires_grad and random_init.loc.requires_grad
+    fixed.init_from_data(x)
+    # the networks start at g = 0: the initial model is the fitted Gaussian mixture itself
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(2, covariance_type="full", reg_covar=1e-4, random_state=0, max_iter=200).fit(x)
+    fixed.freeze_normalizers(n=4096)
+    assert np.allclose(fixed.log_prob(torch.tensor(x[:50], dtype=torch.float32)).detach().numpy(),
+                       gmm.score_samples(x[:50]), atol=1e-4)
 
 
 def test_select_base_picks_the_number_of_clusters_by_validation():

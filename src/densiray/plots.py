@@ -26,12 +26,14 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
-def density_report(module, test_z: np.ndarray, history: list[dict], title: str, metric: str = "val_log_lik") -> bytes:
+def density_report(module, test_z: np.ndarray, history: list[dict], title: str, metric: str = "val_log_lik",
+                   initial: float | None = None) -> bytes:
     """A PNG: (2-D) data, learned density, samples and the validation curve; (d > 2) the first two
     coordinates of data and samples, the histogram of test log-densities and the validation curve.
 
     ``module`` is a density ``nn.Module`` with frozen normalisers (``log_prob``, ``sample``); the
-    data are standardised rows.
+    data are standardised rows. ``initial``: the metric of the model before training (drawn as a
+    dashed line, so a curve that never rises above its starting point shows as such).
     """
     plt = _figure()
     d = test_z.shape[1]
@@ -64,6 +66,15 @@ def density_report(module, test_z: np.ndarray, history: list[dict], title: str, 
     axes[3].plot(epochs, [h[metric] for h in history if metric in h], label=metric)
     if history and "train_nll" in history[0]:
         axes[3].plot(epochs, [-h["train_nll"] for h in history if metric in h], label="train log-lik", alpha=0.6)
+    if initial is not None and np.isfinite(initial):
+        axes[3].axhline(initial, color="0.4", ls="--", lw=1, label=f"before training ({initial:.4f})")
+        finite = [v for h in history if metric in h
+                  for v in (h[metric], -h.get("train_nll", h[metric])) if np.isfinite(v)]
+        if finite:  # zoom on the part of the curve around and above the starting point
+            lo = min(initial, np.quantile(finite, 0.1))
+            hi = max(initial, max(finite))
+            pad = 0.1 * (hi - lo) + 1e-3
+            axes[3].set_ylim(lo - pad, hi + pad)
     axes[3].set_xlabel("epoch")
     axes[3].set_ylabel("nats per sample")
     axes[3].legend()

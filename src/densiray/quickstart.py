@@ -22,6 +22,24 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _mean_se(lp) -> dict:
+    import numpy as np
+
+    lp = np.asarray(lp, dtype=np.float64)
+    return {"test_log_lik": float(lp.mean()), "test_log_lik_se": float(lp.std(ddof=1) / np.sqrt(len(lp)))}
+
+
+def paired(a, b) -> dict:
+    """The paired difference ``a - b`` of two models' log-densities on the same test rows: its mean,
+    standard error and their ratio (z). Pairing removes the rows' shared difficulty, so this SE is far
+    smaller than either model's own."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return {"diff": mean, "diff_se": se, "z": mean / se if se > 0 else float("inf"), "rows": int(len(d))}
+
+
 def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, epochs: int = 40,
         time_budget_s: float = 180, n: int | None = None, host: str = "127.0.0.1", port: int = 8000,
         keep_serving: bool = False) -> dict:
@@ -46,11 +64,13 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
                    name=name, store=store, restart=True)
     task = api.build_task("dnmm", api.RunSpec(dataset=dataset, n=n, model={"components": 1, "covariance": "full"}))
     tr, va, te = (a.astype(np.float64) for a in (task.train_x, task.val_x, task.test_x))
+    from densiray.store import load_model
+
+    dnmm_lp = load_model(name, store=store).log_prob_standardized(task.test_x)
     baselines = {}
     for label, fit in (("GMM", lambda: fit_gmm(tr, va, te)), ("KDE", lambda: fit_kde(tr, te))):
         lp, info = fit()
-        baselines[label] = {"test_log_lik": float(lp.mean()), "test_log_lik_se": float(lp.std(ddof=1) / np.sqrt(len(lp))),
-                            **info}
+        baselines[label] = {**_mean_se(lp), "paired": paired(dnmm_lp, lp), **info}
 
     import densiray.serve as ds
 
@@ -93,6 +113,11 @@ def _print(r: dict, point: list) -> None:
     rows = [("DNMM (tuned)", d)] + list(r["baselines"].items())
     for label, m in sorted(rows, key=lambda kv: -kv[1]["test_log_lik"]):
         print(f"             {label:13} {m['test_log_lik']:8.4f} ± {m['test_log_lik_se']:.4f}")
+    for label, m in r["baselines"].items():
+        p = m["paired"]
+        verdict = "DNMM better" if p["z"] >= 2 else ("DNMM worse" if p["z"] <= -2 else "no clear difference")
+        print(f"paired     DNMM − {label}: {p['diff']:+.4f} ± {p['diff_se']:.4f} nats per test row "
+              f"({p['z']:+.1f} SE, {p['rows']} rows): {verdict}")
     print(f"integral   ∫p = {d['integral']:.5f} ± {d['integral_se']:.5f}")
     h = r["http"]
     print(f"served     {r['url']}: log p of 3 test rows = {[round(v, 3) for v in h['log_prob']['log_prob']]}; "

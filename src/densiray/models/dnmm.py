@@ -6,32 +6,35 @@ Hard constraints: ``pi`` on the simplex (softmax), every ``phi_i >= 0`` (built i
 each component divided by its numerically estimated integral ``Z_i``. Soft constraint: the training
 loss adds ``rho * sum_i (1 - Z_i)^2`` so that raw integrals stay near one.
 
-Two variants of ``phi_i``:
+Two variants of ``phi_i``, two classes sharing the mixture machinery of :class:`DNMM`
+(``DNMM(cfg)`` builds the one ``cfg.variant`` names):
 
-* ``bounded`` (paper-faithful): ``phi_i(x) = lambda_i * sigmoid(h_i(x))`` on a box around the training
+* ``bounded`` (:class:`BoundedDNMM`, paper-faithful): ``phi_i(x) = lambda_i * sigmoid(h_i(x))`` on a box around the training
   data (adaptive amplitude ``lambda_i``), zero outside it. ``Z_i`` by scrambled Sobol quasi-Monte
   Carlo over the box; its error grows quickly with the dimension, and points outside the box get
   ``log p = -inf``.
-* ``proper`` (default): ``phi_i(x) = q_i(x) * exp(g_i(x))`` with a learnable Gaussian ``q_i`` (full
+* ``proper`` (:class:`ProperDNMM`, default): ``phi_i(x) = q_i(x) * exp(g_i(x))`` with a learnable Gaussian ``q_i`` (full
   or diagonal covariance) and a bounded network ``g_i = B * tanh(h_i / B)``. This is a density on
   all of R^d, so every point gets a finite log-density. ``Z_i = E_{q_i}[exp(g_i)]`` is estimated by
   importance sampling from ``q_i`` itself; since ``exp(g_i)`` lies in ``[e^-B, e^B]`` the estimator's
   relative variance is bounded whatever the dimension (it stays accurate at d = 64). Sampling is
   exact rejection sampling from ``q_i`` with acceptance ``exp(g_i - B)``.
 
-Training uses fresh Monte Carlo estimates of ``log Z`` each step (reparameterised, so gradients
-reach the Gaussians); inference uses normalisers frozen from a large sample
+Training uses fresh Monte Carlo estimates of ``log Z`` each step (drawn from the step's generator, so
+all ranks agree; reparameterised, so gradients reach the Gaussians when ``train_base``). By default the
+Gaussians stay at the fitted GMM and only the networks and the weights learn: the GMM is already at
+its likelihood optimum, and Adam's normalised steps move such parameters by noise. Inference uses normalisers frozen from a large sample
 (:meth:`DNMM.freeze_normalizers`), so ``log_prob`` is deterministic and exactly reproducible.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 _ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus}
@@ -45,7 +48,12 @@ class DNMMConfig(BaseModel):
 
     dim: int = Field(0, ge=0, description="data dimension (set from the dataset)")
     components: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
-        "auto", description="number of mixture components c; auto: chosen with the base GMM (select_base)")
+        "auto", description="number of mixture components c; auto: chosen with the base GMM by validation "
+                            "(select_base), at most auto_max_components")
+    auto_max_components: int = Field(
+        8, ge=1, le=256, description="most components 'auto' may choose: a base mixture that already fits by "
+                                     "itself leaves the networks nothing to learn (measured: 24 components on "
+                                     "moons never improve on the GMM, 4-8 do)")
     hidden: int = Field(64, ge=1, le=4096, description="width of each component network")
     depth: int = Field(2, ge=1, le=8, description="hidden layers of each component network")
     activation: Literal["silu", "tanh", "relu", "gelu", "softplus"] = "silu"
@@ -55,14 +63,27 @@ class DNMMConfig(BaseModel):
     bound: float = Field(4.0, gt=0, le=20, description="proper variant: |g_i| <= bound")
     rho: float = Field(0.1, ge=0, description="weight of the soft constraint rho * sum_i (1 - Z_i)^2")
     integration_samples: int = Field(512, ge=16, description="Monte Carlo samples per component per step")
-    eval_integration_samples: int = Field(32768, ge=256, description="samples per component for evaluation")
+    eval_integration_samples: int = Field(16384, ge=256, description="samples per component for evaluation "
+                                          "(a fixed draw: every epoch is scored on the same points)")
     box_margin: float = Field(0.1, ge=0, description="bounded variant: box = data range widened by this fraction")
     init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
+    train_base: bool | None = Field(
+        None, description="proper variant: train the base Gaussians too; default (None): only with init random. "
+                          "From a fitted GMM they stay put and the networks (and weights) learn the correction "
+                          "(measured: Adam moves near-optimal Gaussians by noise and lowers the likelihood)")
     warp: Literal["none", "maf", "nsf"] = Field(
         "none", description="proper variant: a normalizing flow u = T(x), fitted first and then frozen, under "
                             "which the mixture is built: p(x) = p_mixture(T(x)) |det dT/dx|")
     warp_transforms: int = Field(5, ge=1, le=32, description="flow transforms of the warp")
     warp_hidden: int = Field(128, ge=8, le=4096, description="width of the warp's 2 hidden layers")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DNMMConfig:
+        if self.init == "random" and self.train_base is False and self.variant == "proper":
+            raise ValueError("init: random needs train_base: true (random base Gaussians must be trained)")
+        if self.warp != "none" and self.variant != "proper":
+            raise ValueError("warp needs the proper variant")
+        return self
 
 
 def fit_gmm(x: np.ndarray, components: int, covariance: str, seed: int = 0):
@@ -116,16 +137,16 @@ def fit_flow(flow: nn.Module, train: np.ndarray, val: np.ndarray, *, seed: int =
 
 
 def select_base(train: np.ndarray, val: np.ndarray, components: int | str = "auto", covariance: str = "auto",
-                seed: int = 0):
+                seed: int = 0, max_components: int = 32):
     """Choose the number of components and the covariance type of the base mixture by validation.
 
     Fits a Gaussian mixture for every candidate (c in 1..32, full and diagonal covariance, at least
-    ~8 training rows per component) on ``train`` and keeps the best mean log-likelihood on ``val``,
+    ~8 training rows per component, at most ``max_components``) on ``train`` and keeps the best mean log-likelihood on ``val``,
     the way the reference GMM is selected. Settings that are not "auto" are kept as given. Returns
     ``(components, covariance, val_log_lik, gmm)``; pass ``gmm`` to :meth:`DNMM.init_from_data`.
     """
     cs = [components] if components != "auto" else [c for c in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-                                                      if c == 1 or len(train) / c >= 8]
+                                                      if c == 1 or (len(train) / c >= 8 and c <= max_components)]
     covs = [covariance] if covariance != "auto" else ["full", "diag"]
     best = (-math.inf, 1, "full", None)
     for cov in covs:
@@ -173,12 +194,42 @@ class ComponentMLPs(nn.Module):
         return (h @ self.out_weight[i] + self.out_bias[i]).squeeze(-1)
 
 
+def _randn(shape: tuple, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws from ``generator`` (which may live on the CPU while ``like`` is on a GPU)."""
+    dev = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
+
+
 def _logmeanexp(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(v, dim=dim) - math.log(v.shape[dim])
 
 
 class DNMM(nn.Module):
-    """A mixture of deep-network component densities; see the module docstring."""
+    """A mixture of deep-network component densities; see the module docstring.
+
+    The mixture machinery lives here: weights ``pi``, the component networks, Monte Carlo
+    normalisers (trained afresh each step, frozen for inference), the loss, the independent integral
+    check and rejection sampling. What a component *is* lives in the two variants, which override a
+    few hooks (:meth:`log_phi`, :meth:`_log_z_weights`, :meth:`_proposal`, :meth:`_propose`):
+    :class:`ProperDNMM` (Gaussian base times a bounded network, on all of R^d) and
+    :class:`BoundedDNMM` (the paper's sigmoid components on a box).
+
+    ``DNMM(cfg)`` builds the variant named by ``cfg.variant`` (see :func:`build_dnmm`).
+    """
+
+    variant: ClassVar[str] = ""
+    #: whether the components sit on Gaussians fitted to the data (select_base chooses their number)
+    has_gaussian_base: ClassVar[bool] = False
+    #: how :meth:`integral` draws its proposal (recorded with the exported metrics)
+    integral_method: ClassVar[str] = ""
+
+    def __new__(cls, cfg: DNMMConfig | None = None, *args, **kwargs):
+        target = cls
+        if cls is DNMM:  # the base class builds the variant the config names
+            if cfg is None:
+                raise TypeError("DNMM(cfg) needs a DNMMConfig")
+            target = VARIANTS[cfg.variant]
+        return super().__new__(target)
 
     def __init__(self, cfg: DNMMConfig):
         super().__init__()
@@ -186,99 +237,48 @@ class DNMM(nn.Module):
             raise ValueError("DNMMConfig.dim must be set to the data dimension")
         if cfg.components == "auto" or cfg.covariance == "auto":
             raise ValueError("resolve components/covariance 'auto' first (select_base)")
+        if cfg.variant != self.variant:
+            raise ValueError(f"{type(self).__name__} is the {self.variant!r} variant, the config asks for {cfg.variant!r}")
         self.cfg = cfg
         c, d = cfg.components, cfg.dim
         self.logits = nn.Parameter(torch.zeros(c))
         self.nets = ComponentMLPs(c, d, cfg.hidden, cfg.depth, cfg.activation)
-        if cfg.variant == "proper":
-            self.loc = nn.Parameter(torch.randn(c, d) * 0.5)
-            self.tril = nn.Parameter(torch.zeros(c, d, d))  # strictly lower part used (full covariance)
-            self.log_diag = nn.Parameter(torch.zeros(c, d))
-        else:
-            self.log_amp = nn.Parameter(torch.zeros(c))
-            self.register_buffer("lo", -3 * torch.ones(d))
-            self.register_buffer("hi", 3 * torch.ones(d))
-        self.warp = make_warp(cfg) if cfg.variant == "proper" else None
-        if cfg.warp != "none" and cfg.variant != "proper":
-            raise ValueError("warp needs the proper variant")
+        self.warp: nn.Module | None = None  # a frozen flow under the mixture (the proper variant's option)
         # Frozen normalisers for inference (see freeze_normalizers); 0 = not yet frozen.
         self.register_buffer("log_z", torch.zeros(c))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.int64))
 
-    # ----------------------------------------------------------------- initialisation
+    # ----------------------------------------------------------------- variant hooks
     def init_from_data(self, x: np.ndarray, seed: int = 0, gmm=None) -> None:
-        """Data-dependent initialisation: GMM-fitted base Gaussians (proper) or the data box (bounded).
+        """Data-dependent initialisation (see the variants)."""
+        raise NotImplementedError
 
-        ``gmm``: an already fitted mixture with this config's components and covariance (from
-        :func:`select_base`); otherwise one is fitted to ``x``.
-        """
-        cfg = self.cfg
-        with torch.no_grad():
-            if cfg.variant == "bounded":
-                lo, hi = x.min(0), x.max(0)
-                pad = cfg.box_margin * (hi - lo) + 1e-3
-                self.lo.copy_(torch.as_tensor(lo - pad))
-                self.hi.copy_(torch.as_tensor(hi + pad))
-                # sigmoid(0) = 1/2, so lambda = 2 / volume makes each component start uniform with Z = 1.
-                self.log_amp.fill_(math.log(2.0) - self.log_volume().item())
-                return
-            if cfg.init == "gmm":
-                n_comp = gmm.n_components if gmm is not None else min(cfg.components, max(1, len(x) // 2))
-                gmm = gmm if gmm is not None else fit_gmm(x, n_comp, cfg.covariance, seed)
-                reps = int(math.ceil(cfg.components / n_comp))
-                means = np.tile(gmm.means_, (reps, 1))[: cfg.components]
-                covs = gmm.covariances_ if cfg.covariance == "full" else np.stack([np.diag(v) for v in gmm.covariances_])
-                chol = np.linalg.cholesky(np.tile(covs, (reps, 1, 1))[: cfg.components])
-                weights = np.tile(gmm.weights_, reps)[: cfg.components]
-                self.loc.copy_(torch.as_tensor(means))
-                self.tril.copy_(torch.as_tensor(np.tril(chol, -1)))
-                self.log_diag.copy_(torch.as_tensor(np.log(np.diagonal(chol, axis1=1, axis2=2))))
-                self.logits.copy_(torch.as_tensor(np.log(weights / weights.sum())))
-            else:
-                rng = np.random.default_rng(seed)
-                idx = rng.choice(len(x), size=cfg.components, replace=len(x) < cfg.components)
-                self.loc.copy_(torch.as_tensor(x[idx]))
-                self.log_diag.copy_(torch.as_tensor(np.log(x.std(0) + 1e-3)).expand_as(self.log_diag))
+    def log_phi(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log component densities log phi_i(x): (N, d) -> (c, N)."""
+        raise NotImplementedError
+
+    def _log_z_weights(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(c, n) log importance weights whose mean (in exp) estimates each Z_i."""
+        raise NotImplementedError
+
+    def _proposal(self, m: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``m`` draws of the integral check's proposal (mixture latent coordinates) and their log q."""
+        raise NotImplementedError
+
+    def _propose(self, i: int, m: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``m`` rejection-sampling proposals for component ``i`` and their log acceptance probabilities."""
+        raise NotImplementedError
+
+    def to_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(u, log|det du/dx|)``: the coordinates the mixture lives in (x itself unless warped)."""
+        return x, 0.0
+
+    def from_latent(self, u: torch.Tensor) -> torch.Tensor:
+        return u
 
     # ----------------------------------------------------------------- pieces
     def log_weights(self) -> torch.Tensor:
         return torch.log_softmax(self.logits, dim=0)
-
-    def scale_tril(self) -> torch.Tensor:
-        diag = torch.diag_embed(torch.exp(self.log_diag))
-        if self.cfg.covariance == "diag":
-            return diag
-        return torch.tril(self.tril, diagonal=-1) + diag
-
-    def log_volume(self) -> torch.Tensor:
-        return torch.log(self.hi - self.lo).sum()
-
-    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
-        """Each component's whitened coordinates z_i = L_i^-1 (x - mu_i): (N, d) -> (c, N, d)."""
-        diff = (x.unsqueeze(0) - self.loc.unsqueeze(1)).transpose(1, 2)  # (c, d, N)
-        return torch.linalg.solve_triangular(self.scale_tril(), diff, upper=False).transpose(1, 2)
-
-    def _base_log_prob_z(self, z: torch.Tensor) -> torch.Tensor:
-        """log q_i from whitened coordinates (c, N, d) -> (c, N)."""
-        return -0.5 * (z * z).sum(-1) - self.log_diag.sum(1, keepdim=True) - 0.5 * self.cfg.dim * _LOG_2PI
-
-    def _base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log q_i(x) for all components: (N, d) -> (c, N)."""
-        return self._base_log_prob_z(self._whiten(x))
-
-    def _g(self, z: torch.Tensor) -> torch.Tensor:
-        """The bounded modulation g_i, evaluated on each component's whitened coordinates (c, N, d)."""
-        b = self.cfg.bound
-        return b * torch.tanh(self.nets(z) / b)
-
-    def log_phi(self, x: torch.Tensor) -> torch.Tensor:
-        """Unnormalised log component densities log phi_i(x): (N, d) -> (c, N)."""
-        if self.cfg.variant == "proper":
-            z = self._whiten(x)
-            return self._base_log_prob_z(z) + self._g(z)
-        inside = ((x >= self.lo) & (x <= self.hi)).all(1)
-        log_phi = self.log_amp.unsqueeze(1) + nn.functional.logsigmoid(self.nets(x))
-        return torch.where(inside.unsqueeze(0), log_phi, torch.full_like(log_phi, -math.inf))
 
     def estimate_log_z(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Monte Carlo estimate of log Z_i with ``n`` samples per component.
@@ -286,17 +286,7 @@ class DNMM(nn.Module):
         Returns ``(log_z, rel_se)``: the estimate (differentiable) and the relative standard error of
         ``Z_i`` (std of the importance weights / (sqrt(n) * mean)).
         """
-        c, d = self.cfg.components, self.cfg.dim
-        dev, dt = self.logits.device, self.logits.dtype
-        if self.cfg.variant == "proper":
-            eps = torch.randn(c, n, d, generator=generator, device=dev, dtype=dt)
-            log_w = self._g(eps)  # (c, n): log of phi/q; eps are the samples' whitened coordinates
-        else:
-            engine = torch.quasirandom.SobolEngine(d, scramble=True,
-                                                   seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            u = engine.draw(n * c).to(device=dev, dtype=dt).view(c, n, d)
-            samples = self.lo + (self.hi - self.lo) * u
-            log_w = (self.log_amp + self.log_volume()).unsqueeze(1) + nn.functional.logsigmoid(self.nets(samples))
+        log_w = self._log_z_weights(n, generator)
         log_z = _logmeanexp(log_w, dim=1)
         with torch.no_grad():
             w = torch.exp(log_w - log_z.unsqueeze(1))
@@ -304,20 +294,8 @@ class DNMM(nn.Module):
         return log_z, rel_se
 
     # ----------------------------------------------------------------- densities
-    def set_warp(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a fitted warp and freeze it (the mixture is trained under a fixed warp)."""
-        self.warp.load_state_dict(state)
-        self.warp.requires_grad_(False)
-        self.warp.eval()
-
-    def to_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """``(u, log|det dT/dx|)`` under the warp, or ``(x, 0)`` without one."""
-        if self.warp is None:
-            return x, 0.0
-        return self.warp.transform().call_and_ladj(x)
-
     def latent_log_prob(self, u: torch.Tensor, log_z: torch.Tensor | None = None) -> torch.Tensor:
-        """log-density of the mixture itself, in the warp's latent coordinates (= x without a warp)."""
+        """log-density of the mixture itself, in its latent coordinates (= x without a warp)."""
         if log_z is None:
             if not int(self.frozen):
                 raise RuntimeError("normalisers are not frozen: call freeze_normalizers() or pass log_z")
@@ -330,19 +308,20 @@ class DNMM(nn.Module):
         u, ladj = self.to_latent(x)
         return self.latent_log_prob(u, log_z) + ladj
 
-    def forward(self, x: torch.Tensor, n_mc: int | None = None, seed: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, n_mc: int | None = None, seed: int | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Log-densities of a batch (the engine's entry point, so ZeRO-3 can gather parameters).
 
-        With ``n_mc`` the normalisers are estimated afresh (``seed`` makes the draw repeatable);
-        without it the frozen ones are used. Returns ``log_prob`` (N,), ``log_z`` (c,), ``rel_se`` (c,).
+        With ``n_mc`` the normalisers are estimated afresh from ``generator`` (or a new one seeded
+        with ``seed``: a repeatable draw); without it the frozen ones are used. Returns ``log_prob``
+        (N,), ``log_z`` (c,), ``rel_se`` (c,).
         """
         if n_mc is None:
             log_z, rel_se = self.log_z, torch.zeros_like(self.log_z)
         else:
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=self.logits.device).manual_seed(seed)
-            log_z, rel_se = self.estimate_log_z(n_mc, gen)
+            if generator is None and seed is not None:
+                generator = torch.Generator(device=self.logits.device).manual_seed(seed)
+            log_z, rel_se = self.estimate_log_z(n_mc, generator)
         return {"log_prob": self.log_prob(x, log_z), "log_z": log_z, "rel_se": rel_se}
 
     def loss(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -369,56 +348,36 @@ class DNMM(nn.Module):
         """An independent importance-sampling estimate of the integral of p and its standard error.
 
         Under a warp the integral is taken in its latent coordinates (a bijection preserves mass).
-        Proposal: the mixture of base Gaussians (proper) or uniform on the box (bounded), drawn with
-        a seed different from the one used to freeze the normalisers.
+        The proposal is the variant's (:attr:`integral_method`), drawn with a seed different from
+        the one used to freeze the normalisers.
         """
         gen = torch.Generator(device=self.logits.device).manual_seed(seed)
         ratios = []
         for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            if self.cfg.variant == "proper":
-                x = self._sample_base(m, gen)
-                log_q = torch.logsumexp(self.log_weights().unsqueeze(1) + self._base_log_prob(x), 0)
-            else:
-                u = torch.rand(m, self.cfg.dim, generator=gen, device=self.lo.device, dtype=self.lo.dtype)
-                x = self.lo + (self.hi - self.lo) * u
-                log_q = -self.log_volume().expand(m)
-            ratios.append(torch.exp(self.latent_log_prob(x) - log_q))  # the warp preserves mass
+            x, log_q = self._proposal(min(chunk, n - start), gen)
+            ratios.append(torch.exp(self.latent_log_prob(x) - log_q))
         r = torch.cat(ratios).double()
         return float(r.mean()), float(r.std() / math.sqrt(len(r)))
 
     # ----------------------------------------------------------------- sampling
-    def _sample_base(self, n: int, gen: torch.Generator | None) -> torch.Tensor:
-        comp = torch.multinomial(torch.exp(self.log_weights()), n, replacement=True, generator=gen)
-        eps = torch.randn(n, self.cfg.dim, generator=gen, device=self.loc.device, dtype=self.loc.dtype)
-        return self.loc[comp] + torch.einsum("nij,nj->ni", self.scale_tril()[comp], eps)
-
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, max_proposals: int = 50_000_000) -> tuple[torch.Tensor, float]:
         """Exact samples by rejection from each component's proposal; returns ``(samples, efficiency)``.
 
-        Components are drawn by ``pi``; a proposal from ``q_i`` (proper) or the box (bounded) is kept
-        with probability ``exp(g_i - B)`` or ``sigmoid(h_i)``. ``efficiency`` = accepted / proposed.
+        Components are drawn by ``pi``; a proposal of component ``i`` (:meth:`_propose`) is kept with
+        its acceptance probability. ``efficiency`` = accepted / proposed.
         """
         gen = torch.Generator(device=self.logits.device).manual_seed(seed)
         c, d = self.cfg.components, self.cfg.dim
         counts = torch.bincount(torch.multinomial(torch.exp(self.log_weights()), n, replacement=True, generator=gen),
                                 minlength=c)
         out, proposed = [], 0
-        L = self.scale_tril() if self.cfg.variant == "proper" else None
         for i in range(c):
             need, got = int(counts[i]), []
             rate = 0.5
             while need > 0:
                 m = int(min(max(64, 1.2 * need / max(rate, 1e-3)), 1_000_000))
-                if self.cfg.variant == "proper":
-                    eps = torch.randn(m, d, generator=gen, device=self.loc.device, dtype=self.loc.dtype)
-                    x = self.loc[i] + eps @ L[i].T
-                    log_acc = self.cfg.bound * torch.tanh(self.nets.forward_one(i, eps) / self.cfg.bound) - self.cfg.bound
-                else:
-                    u = torch.rand(m, d, generator=gen, device=self.lo.device, dtype=self.lo.dtype)
-                    x = self.lo + (self.hi - self.lo) * u
-                    log_acc = nn.functional.logsigmoid(self.nets.forward_one(i, x))
+                x, log_acc = self._propose(i, m, gen)
                 keep = torch.rand(m, generator=gen, device=x.device, dtype=x.dtype).log() < log_acc
                 proposed += m
                 rate = max(float(keep.float().mean()), 1e-4)
@@ -429,7 +388,181 @@ class DNMM(nn.Module):
             out.append(torch.cat(got) if got else torch.empty(0, d))
         samples = torch.cat(out)
         perm = torch.randperm(len(samples), generator=gen, device=samples.device)
-        samples = samples[perm]
-        if self.warp is not None:
-            samples = self.warp.transform().inv(samples)
-        return samples, n / max(proposed, 1)
+        return self.from_latent(samples[perm]), n / max(proposed, 1)
+
+
+class ProperDNMM(DNMM):
+    """``phi_i(x) = q_i(x) exp(g_i(x))``: a Gaussian ``q_i`` times a bounded network, a density on R^d.
+
+    ``g_i = B tanh(h_i(z_i) / B)`` is evaluated on the component's whitened coordinates
+    ``z_i = L_i^-1 (x - mu_i)``, so ``Z_i = E_{z ~ N(0, I)}[exp(g_i(z))]`` needs only standard normal
+    draws, and ``exp(g_i) in [e^-B, e^B]`` bounds the estimator's relative variance in any dimension.
+    With ``train_base: false`` (default) the Gaussians stay where the fitted GMM put them and the
+    networks (and weights ``pi``) learn the correction; optionally under a frozen flow warp.
+    """
+
+    variant = "proper"
+    has_gaussian_base = True
+    integral_method = "importance sampling from the base mixture"
+
+    def __init__(self, cfg: DNMMConfig):
+        super().__init__(cfg)
+        c, d = cfg.components, cfg.dim
+        self.loc = nn.Parameter(torch.randn(c, d) * 0.5)
+        self.tril = nn.Parameter(torch.zeros(c, d, d))  # strictly lower part used (full covariance)
+        self.log_diag = nn.Parameter(torch.zeros(c, d))
+        self.warp = make_warp(cfg)
+        self.train_base(cfg.train_base if cfg.train_base is not None else cfg.init == "random")
+
+    def train_base(self, on: bool) -> None:
+        """Whether the base Gaussians (means, covariances) receive gradients."""
+        for p in (self.loc, self.tril, self.log_diag):
+            p.requires_grad_(on)
+
+    def init_from_data(self, x: np.ndarray, seed: int = 0, gmm=None) -> None:
+        """Base Gaussians from a fitted GMM (``gmm``, e.g. from :func:`select_base`, else fitted to
+        ``x``), or random data rows with the data's spread (``init: random``). The networks start
+        at g = 0, so the initial model is exactly that mixture."""
+        cfg = self.cfg
+        with torch.no_grad():
+            if cfg.init == "gmm":
+                n_comp = gmm.n_components if gmm is not None else min(cfg.components, max(1, len(x) // 2))
+                gmm = gmm if gmm is not None else fit_gmm(x, n_comp, cfg.covariance, seed)
+                reps = int(math.ceil(cfg.components / n_comp))
+                means = np.tile(gmm.means_, (reps, 1))[: cfg.components]
+                covs = gmm.covariances_ if cfg.covariance == "full" else np.stack([np.diag(v) for v in gmm.covariances_])
+                chol = np.linalg.cholesky(np.tile(covs, (reps, 1, 1))[: cfg.components])
+                weights = np.tile(gmm.weights_, reps)[: cfg.components]
+                self.loc.copy_(torch.as_tensor(means))
+                self.tril.copy_(torch.as_tensor(np.tril(chol, -1)))
+                self.log_diag.copy_(torch.as_tensor(np.log(np.diagonal(chol, axis1=1, axis2=2))))
+                self.logits.copy_(torch.as_tensor(np.log(weights / weights.sum())))
+            else:
+                rng = np.random.default_rng(seed)
+                idx = rng.choice(len(x), size=cfg.components, replace=len(x) < cfg.components)
+                self.loc.copy_(torch.as_tensor(x[idx]))
+                self.log_diag.copy_(torch.as_tensor(np.log(x.std(0) + 1e-3)).expand_as(self.log_diag))
+
+    def scale_tril(self) -> torch.Tensor:
+        diag = torch.diag_embed(torch.exp(self.log_diag))
+        if self.cfg.covariance == "diag":
+            return diag
+        return torch.tril(self.tril, diagonal=-1) + diag
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """Each component's whitened coordinates z_i = L_i^-1 (x - mu_i): (N, d) -> (c, N, d)."""
+        diff = (x.unsqueeze(0) - self.loc.unsqueeze(1)).transpose(1, 2)  # (c, d, N)
+        return torch.linalg.solve_triangular(self.scale_tril(), diff, upper=False).transpose(1, 2)
+
+    def _base_log_prob_z(self, z: torch.Tensor) -> torch.Tensor:
+        """log q_i from whitened coordinates (c, N, d) -> (c, N)."""
+        return -0.5 * (z * z).sum(-1) - self.log_diag.sum(1, keepdim=True) - 0.5 * self.cfg.dim * _LOG_2PI
+
+    def _base_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log q_i(x) for all components: (N, d) -> (c, N)."""
+        return self._base_log_prob_z(self._whiten(x))
+
+    def _g(self, z: torch.Tensor) -> torch.Tensor:
+        """The bounded modulation g_i, evaluated on each component's whitened coordinates (c, N, d)."""
+        b = self.cfg.bound
+        return b * torch.tanh(self.nets(z) / b)
+
+    def log_phi(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._whiten(x)
+        return self._base_log_prob_z(z) + self._g(z)
+
+    def _log_z_weights(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        eps = _randn((self.cfg.components, n, self.cfg.dim), generator, self.logits)
+        return self._g(eps)  # log phi/q at draws from q, in whitened coordinates
+
+    def _sample_base(self, n: int, gen: torch.Generator | None) -> torch.Tensor:
+        comp = torch.multinomial(torch.exp(self.log_weights()), n, replacement=True, generator=gen)
+        eps = torch.randn(n, self.cfg.dim, generator=gen, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc[comp] + torch.einsum("nij,nj->ni", self.scale_tril()[comp], eps)
+
+    def _proposal(self, m: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._sample_base(m, generator)
+        return x, torch.logsumexp(self.log_weights().unsqueeze(1) + self._base_log_prob(x), 0)
+
+    def _propose(self, i: int, m: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = torch.randn(m, self.cfg.dim, generator=generator, device=self.loc.device, dtype=self.loc.dtype)
+        x = self.loc[i] + eps @ self.scale_tril()[i].T
+        b = self.cfg.bound
+        return x, b * torch.tanh(self.nets.forward_one(i, eps) / b) - b
+
+    # ----------------------------------------------------------------- the warp
+    def set_warp(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a fitted warp and freeze it (the mixture is trained under a fixed warp)."""
+        self.warp.load_state_dict(state)
+        self.warp.requires_grad_(False)
+        self.warp.eval()
+
+    def to_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        if self.warp is None:
+            return x, 0.0
+        return self.warp.transform().call_and_ladj(x)
+
+    def from_latent(self, u: torch.Tensor) -> torch.Tensor:
+        return u if self.warp is None else self.warp.transform().inv(u)
+
+
+class BoundedDNMM(DNMM):
+    """The paper's components: ``phi_i(x) = lambda_i sigmoid(h_i(x))`` on a box around the training
+    data (adaptive amplitude ``lambda_i``), zero outside it; ``Z_i`` by scrambled Sobol quasi-Monte
+    Carlo over the box. Points outside the box get ``log p = -inf``."""
+
+    variant = "bounded"
+    integral_method = "uniform Monte Carlo over the box"
+
+    def __init__(self, cfg: DNMMConfig):
+        super().__init__(cfg)
+        d = cfg.dim
+        self.log_amp = nn.Parameter(torch.zeros(cfg.components))
+        self.register_buffer("lo", -3 * torch.ones(d))
+        self.register_buffer("hi", 3 * torch.ones(d))
+
+    def init_from_data(self, x: np.ndarray, seed: int = 0, gmm=None) -> None:
+        """The box: the data range widened by ``box_margin``; every component starts uniform on it."""
+        with torch.no_grad():
+            lo, hi = x.min(0), x.max(0)
+            pad = self.cfg.box_margin * (hi - lo) + 1e-3
+            self.lo.copy_(torch.as_tensor(lo - pad))
+            self.hi.copy_(torch.as_tensor(hi + pad))
+            # sigmoid(0) = 1/2, so lambda = 2 / volume makes each component start uniform with Z = 1.
+            self.log_amp.fill_(math.log(2.0) - self.log_volume().item())
+
+    def log_volume(self) -> torch.Tensor:
+        return torch.log(self.hi - self.lo).sum()
+
+    def log_phi(self, x: torch.Tensor) -> torch.Tensor:
+        inside = ((x >= self.lo) & (x <= self.hi)).all(1)
+        log_phi = self.log_amp.unsqueeze(1) + nn.functional.logsigmoid(self.nets(x))
+        return torch.where(inside.unsqueeze(0), log_phi, torch.full_like(log_phi, -math.inf))
+
+    def _log_z_weights(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        c, d = self.cfg.components, self.cfg.dim
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator,
+                                 device=generator.device if generator is not None else None))
+        u = torch.quasirandom.SobolEngine(d, scramble=True, seed=seed).draw(n * c)
+        samples = self.lo + (self.hi - self.lo) * u.to(device=self.lo.device, dtype=self.lo.dtype).view(c, n, d)
+        return (self.log_amp + self.log_volume()).unsqueeze(1) + nn.functional.logsigmoid(self.nets(samples))
+
+    def _uniform(self, m: int, generator: torch.Generator | None) -> torch.Tensor:
+        u = torch.rand(m, self.cfg.dim, generator=generator, device=self.lo.device, dtype=self.lo.dtype)
+        return self.lo + (self.hi - self.lo) * u
+
+    def _proposal(self, m: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._uniform(m, generator), -self.log_volume().expand(m)
+
+    def _propose(self, i: int, m: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._uniform(m, generator)
+        return x, nn.functional.logsigmoid(self.nets.forward_one(i, x))
+
+
+#: the DNMM class of each ``DNMMConfig.variant``
+VARIANTS: dict[str, type[DNMM]] = {"proper": ProperDNMM, "bounded": BoundedDNMM}
+
+
+def build_dnmm(cfg: DNMMConfig) -> DNMM:
+    """The DNMM of ``cfg.variant`` (the same as ``DNMM(cfg)``)."""
+    return VARIANTS[cfg.variant](cfg)
