@@ -28,6 +28,7 @@ def test_quickstart_tunes_serves_queries_and_cleans_up(ray_cluster, store):
                  f"curl -s -X POST http://127.0.0.1:{port}/v1/models/quickstart-moons/log_prob", "tune.png"):
         assert line in out, out
     assert "outlier flags for [a test row, a far point] = [False, True]" in out, out
+    assert "paired     DNMM − GMM: " in out and "nats per test row" in out, out
     model = densiray.load_model("quickstart-moons", store=store)
     m = model.metrics  # exported with an independent check of its normalisation
     assert abs(m["integral"] - 1) < 4 * m["integral_se"] + 0.02 and 0 < m["integral_se"] < 0.05

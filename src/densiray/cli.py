@@ -275,7 +275,7 @@ def _bench_parser(sub) -> None:
     b.add_argument("--trials", type=int, default=24, help="DNMM sweep trials per dataset")
     b.add_argument("--epochs", type=int, default=150, help="most epochs per trial")
     b.add_argument("--time-budget-s", type=float, default=600, help="sweep time budget per dataset")
-    b.add_argument("--no-baselines", action="store_true", help="only the tuned DNMM (keep earlier baseline rows)")
+    b.add_argument("--no-baselines", action="store_true", help="keep the earlier MAF/NSF rows (KDE and GMM are refitted for the paired comparison)")
     b.set_defaults(func=_bench)
 
 

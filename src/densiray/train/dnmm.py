@@ -9,12 +9,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from densiray.capabilities import OUTLIER_PERCENTILES
 from densiray.data import Standardizer, load_dataset, split
 from densiray.models.dnmm import DNMM, VARIANTS, DNMMConfig, fit_gmm, make_warp, select_base
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
 
-CALIBRATION_PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
+CALIBRATION_PERCENTILES = OUTLIER_PERCENTILES  # the thresholds Serve's /score offers
 
 
 class DNMMTask(Task):
