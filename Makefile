@@ -8,4 +8,5 @@ quickstart: setup
 	.venv/bin/densiray quickstart
 
 test: setup
+	.venv/bin/ruff check src tests jobs
 	.venv/bin/python -m pytest -q tests

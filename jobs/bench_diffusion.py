@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import tempfile
 import time
 from pathlib import Path

@@ -11,11 +11,24 @@ import pytest
 import torch
 
 from densiray.capabilities import ConditionalSampler, capabilities
-from densiray.data.fields import (KolmogorovConfig, field_statistics, kolmogorov, load_fields, simulate_kolmogorov,
-                                  steady_state)
+from densiray.data.fields import (
+    KolmogorovConfig,
+    field_statistics,
+    kolmogorov,
+    load_fields,
+    simulate_kolmogorov,
+    steady_state,
+)
 from densiray.errors import DataError
-from densiray.models.diffusion import (DiffusionConfig, DiffusionModel, EDMDenoiser, Observation, condition,
-                                       log_likelihood, sample)
+from densiray.models.diffusion import (
+    DiffusionConfig,
+    DiffusionModel,
+    EDMDenoiser,
+    Observation,
+    condition,
+    log_likelihood,
+    sample,
+)
 
 TINY_SIM = {"resolution": 16, "fine": 32, "trajectories": 4, "snapshots": 8, "spinup": 10.0, "interval": 1.0}
 

@@ -11,7 +11,6 @@ module before any fixture runs), and the server is started on that port by the f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket

@@ -195,7 +195,7 @@ class LocalCluster:
 
     def _start_with_retries(self, start, deadline: float, attempts: int, index: int | None = None) -> None:
         """Start one node and wait until the head lists it; start it again if it exits while starting."""
-        for attempt in range(attempts):
+        for _attempt in range(attempts):
             node = start()
             if index is None:
                 self.nodes.append(node)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +118,9 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
         per_row: dict[str, np.ndarray] = {}
         if not baselines and name in results["datasets"]:  # keep the earlier run's baseline rows
             row["estimators"] = {k: v for k, v in results["datasets"][name]["estimators"].items() if k != "dnmm"}
-        fits = (("kde", lambda: fit_kde(tr, te)), ("gmm", lambda: fit_gmm(tr, va, te)),
-                ("maf", lambda: fit_baseline_flow("maf", tr, va, te, seed=seed)),
-                ("nsf", lambda: fit_baseline_flow("nsf", tr, va, te, seed=seed)))
+        fits = (("kde", partial(fit_kde, tr, te)), ("gmm", partial(fit_gmm, tr, va, te)),
+                ("maf", partial(fit_baseline_flow, "maf", tr, va, te, seed=seed)),
+                ("nsf", partial(fit_baseline_flow, "nsf", tr, va, te, seed=seed)))
         # without baselines the cheap ones (KDE, GMM) are still refitted: the paired comparison needs their rows
         for est, fn in fits if baselines else fits[:2]:
             t0 = time.perf_counter()

@@ -181,7 +181,6 @@ def run_one(workers: int, stage: int, offload: bool, precision: str = "fp32", *,
 def run(configs=CONFIGS, out: str | os.PathLike | None = None, progress: bool = True, **kwargs) -> dict:
     """Every configuration in turn; writes ``<out>.json`` and ``<out>.md`` if ``out`` is given."""
     import ray
-
     from tqdm.auto import tqdm
 
     rows, failed = [], []

@@ -115,7 +115,7 @@ def fit_flow(flow: nn.Module, train: np.ndarray, val: np.ndarray, *, seed: int =
     xt, xv = torch.as_tensor(train, dtype=torch.float32), torch.as_tensor(val, dtype=torch.float32)
     rng = np.random.default_rng(seed)
     best, best_state, bad, epoch = -math.inf, None, 0, 0
-    for epoch in range(max_epochs):
+    for epoch in range(max_epochs):  # noqa: B007  (the count is returned)
         flow.train()
         for idx in np.array_split(rng.permutation(len(xt)), max(1, len(xt) // batch_size)):
             loss = -flow().log_prob(xt[idx]).mean()

@@ -21,8 +21,14 @@ import torch
 
 from densiray.data.fields import Fields, KolmogorovConfig, field_statistics, kolmogorov, load_fields
 from densiray.errors import ConfigError, DataError
-from densiray.models.diffusion import (DiffusionConfig, DiffusionModel, DiffusionModule, EDMDenoiser,
-                                       denoiser_from_training_state, edm_loss)
+from densiray.models.diffusion import (
+    DiffusionConfig,
+    DiffusionModel,
+    DiffusionModule,
+    EDMDenoiser,
+    denoiser_from_training_state,
+    edm_loss,
+)
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
 
