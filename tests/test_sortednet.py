@@ -155,6 +155,9 @@ class RecordingTask(SortedNetTask):
 def test_text_encoder_trains_on_zero3_with_the_same_submodels_on_every_rank(ray_cluster, tiny, tmp_path):
     spec = RunSpec(dataset=tiny["csv"], model={"model": tiny["bert"], "max_length": 16, "samples_per_step": 2,
                                                "density_weight": 0.1, "latency_batch": 4, "latency_repeats": 1})
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     base = build_task("sortednet", spec)
     task = RecordingTask.__new__(RecordingTask)
     task.__dict__.update(base.__dict__)
