@@ -172,6 +172,8 @@ register(Family(
     default_space="densiray.train.sortednet:default_space",
     summary="densiray.train.sortednet:summary_lines",
     columns="densiray.train.sortednet:list_columns",
+    # full fine-tuning of a pretrained encoder wants a small step; the digits MLP reaches ~97 % with it too
+    train_defaults={"lr": 1e-4, "batch_size": 32, "epochs": 20, "patience": 5},
     datasets="finefood or a text file (.csv/.tsv/.jsonl with text,label) for the encoder; digits, iris, wine, "
              "breast_cancer or a numeric .csv/.tsv/.parquet/.npy file with a label column for the MLP",
     flags={
