@@ -276,3 +276,18 @@ def test_only_trains_one_grid_point_as_a_model_of_its_own():
     assert parse_spec("l2-w0.5-h3") == {"layers": 2, "width": 0.5, "heads": 3}
     trial = task.with_model({"samples_per_step": 1, "distill_weight": 0.2})
     assert trial.config.distill_weight == 0.2 and task.config.distill_weight == 0.5
+
+
+def test_default_search_space_validates_and_trials_apply_it():
+    from densiray import families
+    from densiray.train.engine import TrainConfig
+    from densiray.tune.space import validate_space
+
+    task = build_task("sortednet", RunSpec(dataset="digits", model={"hidden": 16, "depth": 2, "grid": "2x2"}))
+    space = families.get("sortednet").space(task)
+    assert {"model.samples_per_step", "model.distill_weight", "train.lr"} <= set(space)
+    validate_space(space, SortedNetConfig, TrainConfig, task.config.model_dump(), {})
+    trial = task.with_model({"samples_per_step": 4, "distill_weight": 0.7})
+    assert trial.config.samples_per_step == 4 and trial.train_data is task.train_data  # same data, shared
+    with pytest.raises(ConfigError, match="cannot vary"):
+        task.with_model({"hidden": 8})
