@@ -111,6 +111,7 @@ def run_dataset(dataset: str, *, model: dict, train: dict, alone: list[str], sto
         "train_s": {"sortednet": sn_run["train_s"], "plain": plain_run["train_s"],
                     "alone": {a["name"]: a["train_s"] for a in alone_rows}, "all_alone_extrapolated": round(all_alone, 1)},
         "cost_ratio_vs_plain": cost_ratio,
+        "cost_ratio_per_epoch_vs_plain": (sn_run["train_s"] / sn_run["epochs"]) / (plain_run["train_s"] / plain_run["epochs"]),
         "cost_ratio_vs_all_alone": sn_run["train_s"] / all_alone if all_alone == all_alone and all_alone > 0 else None,
         "epochs": {"sortednet": sn_run["epochs"], "plain": plain_run["epochs"]},
         "flops_per": sn["flops_per"], "eval_rows": sn["eval_rows"], "latency_batch": sn["latency_batch"],
@@ -131,6 +132,11 @@ def run_dataset(dataset: str, *, model: dict, train: dict, alone: list[str], sto
     return out
 
 
+def per_epoch(r: dict) -> float:
+    """SortedNet's training time per epoch over plain fine-tuning's."""
+    return (r["train_s"]["sortednet"] / r["epochs"]["sortednet"]) / (r["train_s"]["plain"] / r["epochs"]["plain"])
+
+
 def markdown(results: dict) -> str:
     """The short markdown report of a benchmark JSON."""
     lines = ["# SortedNet benchmark", "", results.get("note", ""), ""]
@@ -144,7 +150,8 @@ def markdown(results: dict) -> str:
                   f"{100 * r['sortednet_beats_sliced_share']:.1f} % of the grid points (median "
                   f"{r['sortednet_minus_sliced_median_points']:+.2f} points).", "",
                   f"Training time (sum of epochs, validation included): SortedNet {r['train_s']['sortednet']:.0f} s, "
-                  f"plain {r['train_s']['plain']:.0f} s (x{r['cost_ratio_vs_plain']:.2f}); every grid point alone, "
+                  f"plain {r['train_s']['plain']:.0f} s (x{r['cost_ratio_vs_plain']:.2f}; {r['epochs']['sortednet']} and "
+                  f"{r['epochs']['plain']} epochs, x{per_epoch(r):.2f} per epoch); every grid point alone, "
                   f"extrapolated from the runs below by FLOPs: {r['train_s']['all_alone_extrapolated']:.0f} s.", "",
                   "| FLOP budget | SortedNet (pick) | plain sliced (pick) |", "| --- | --- | --- |"]
         lines += [f"| {m['flops_budget']:.3g} | {m['sortednet']:.4f} ({m['sortednet_pick']}) | "
