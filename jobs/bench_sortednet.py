@@ -26,7 +26,7 @@ _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir():
     sys.path.insert(0, str(_SRC))
 
-from densiray.bench.sortednet import markdown, run_dataset  # noqa: E402
+from densiray.bench.sortednet import finalize, markdown, run_dataset  # noqa: E402
 
 SETTINGS = {
     "digits": {
@@ -59,7 +59,16 @@ def main() -> int:
     p.add_argument("--datasets", default="digits,finefood")
     p.add_argument("--quick", action="store_true", help="tiny settings, a smoke test")
     p.add_argument("--storage", default=None, help="where the engine keeps runs (default: a temporary folder)")
+    p.add_argument("--report-only", action="store_true", help="recompute derived figures and the markdown from the JSON")
     args = p.parse_args()
+    if args.report_only:
+        path = Path(args.out) / "sortednet.json"
+        results = json.loads(path.read_text())
+        for r in results["datasets"].values():
+            finalize(r)
+        path.write_text(json.dumps(results, indent=1, default=float))
+        (Path(args.out) / "sortednet.md").write_text(markdown(results))
+        return 0
     from densiray.api import ensure_ray
 
     ensure_ray(num_cpus=2, log_to_driver=False)
