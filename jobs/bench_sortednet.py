@@ -99,6 +99,8 @@ def main() -> int:
                                 "example; training time = sum of the epochs' wall time (validation included) on a "
                                 "shared, heavily loaded 2-core machine.",
                         "command": "python jobs/bench_sortednet.py --out jobs/results --datasets " + args.datasets})
+        for other in results["datasets"].values():
+            finalize(other)
         path.write_text(json.dumps(results, indent=1, default=float))
         (out / "sortednet.md").write_text(markdown(results))
         print(f"{ds}: done in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
