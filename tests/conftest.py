@@ -29,3 +29,11 @@ def ray_cluster():
 @pytest.fixture
 def store(tmp_path):
     return str(tmp_path / "models")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the session's Ray instance is slow (Ray alone takes ~10 s to start, a Train
+    run tens of seconds): `pytest -m "not slow"` is the quick loop of everything else."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -184,3 +184,32 @@ register(Family(
         "ema_decay": {"type": float, "help": "EMA decay of the exported weights (default 0.999; 0: off)"},
     },
 ))
+
+register(Family(
+    kind="sortednet",
+    description="SortedNet: many nested sub-networks (depth x width x heads) trained at once, picked by budget",
+    task="densiray.train.sortednet:SortedNetTask",
+    loader="densiray.models.sortednet:load_exported",
+    model_config="densiray.models.sortednet:SortedNetConfig",
+    default_space="densiray.train.sortednet:default_space",
+    summary="densiray.train.sortednet:summary_lines",
+    columns="densiray.train.sortednet:list_columns",
+    # full fine-tuning of a pretrained encoder wants a small step; the digits MLP reaches ~97 % with it too
+    train_defaults={"lr": 1e-4, "batch_size": 32, "epochs": 20, "patience": 5},
+    datasets="finefood or a text file (.csv/.tsv/.jsonl with text,label) for the encoder; digits, iris, wine, "
+             "breast_cancer or a numeric .csv/.tsv/.parquet/.npy file with a label column for the MLP",
+    flags={
+        "model": {"help": "encoder: minilm (bundled), a Hugging Face name or a local folder (text data)"},
+        "arch": {"choices": ["auto", "encoder", "mlp"], "help": "auto: encoder for text, MLP for rows"},
+        "grid": {"help": "sub-model grid 'DxWxH' (encoder: depths x widths x head counts) or 'DxW' (MLP)"},
+        "samples_per_step": {"type": int, "help": "K sub-models trained beside the full model each step (0: plain)"},
+        "sampling": {"choices": ["sandwich", "random"], "help": "sandwich: the smallest + K-1 random"},
+        "distill_weight": {"type": float, "help": "weight of in-place distillation from the full model (0..1)"},
+        "density_weight": {"type": float, "help": "DEFT activation-density loss on the sub-models (0: off)"},
+        "only": {"help": "train one grid point alone, e.g. l3-w0.5-h6 (a reference run)"},
+        "max_length": {"type": int, "help": "encoder: tokens per text"},
+        "hidden": {"type": int, "help": "MLP: units per hidden layer"},
+        "depth": {"type": int, "help": "MLP: hidden layers"},
+        "reorder": {"choices": ["none", "magnitude"], "help": "encoder: sort heads/neurons by importance first"},
+    },
+))
