@@ -324,8 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unknown(args, extra: list[str]) -> str:
+    """The error for arguments no parser took: another family's flags say whose they are."""
+    from densiray import families
+
+    flags = [e.split("=", 1)[0] for e in extra if e.startswith("--")]
+    if getattr(args, "command", None) == "train" and flags:
+        owners = sorted({k for k in families.kinds() for f in flags
+                         if f[2:].replace("-", "_") in families.get(k).flags})
+        if owners:
+            return (f"{', '.join(flags)} apply to {' / '.join(f'densiray train {k}' for k in owners)!r} only; "
+                    f"set {args.family}'s model options in --config")
+    return f"unrecognized arguments: {' '.join(extra)}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(f"densiray: error: {_unknown(args, extra)} (see 'densiray {args.command} --help')", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except DensirayError as e:
