@@ -1,6 +1,6 @@
 """A Ray Tune sweep over a family's architecture and training settings, and export of the winner.
 
-    summary = densiray.tune.sweep.tune("dnmm", "moons", settings={"trials": 24}, name="moons-tuned")
+    summary = densiray.tune.sweep.tune(kind, dataset, settings={"trials": 24}, name="my-model")
 
 Every trial trains through the engine (``densiray.train.engine.fit``): in its own process with one
 DeepSpeed rank by default (``workers_per_trial: 0``; cheap for small models, and trials run side by
