@@ -66,7 +66,7 @@ def compare(runs: list[dict], reference: dict) -> dict:
     matched by name. Accuracies agree "within noise" when they differ by less than twice the standard error of
     the difference of two accuracies on ``n_test`` rows; densities when they differ by less than 0.02."""
     ref = {r["name"]: r for r in reference.get("runs", [])}
-    n_test = reference.get("setup", {}).get("n_test") or 1000
+    n_test = reference.get("setup", {}).get("n_test") or (runs[0].get("split") or {}).get("test") or 1000
     rows = []
     for r in runs:
         o = ref.get(r["name"])
