@@ -1,6 +1,6 @@
 """``densiray quickstart``: the whole product in one command, on the embedded local Ray.
 
-Tune a DNMM on a bundled dataset with Ray Tune (every trial through the Ray Train + DeepSpeed engine),
+Tune a DNMM on a bundled dataset with Ray Tune (every trial through the Ray Train engine),
 export the winner, deploy it on Ray Serve, query it over HTTP, and print a short report: the winner's
 config, its held-out log-likelihood beside KDE and GMM on the same split, and a curl example. Serve
 and Ray are shut down at the end unless ``keep_serving``.
@@ -52,7 +52,7 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
 
     name = f"quickstart-{dataset}"
     print(f"densiray quickstart: tuning a Deep Neural Mixture Model on {dataset!r} with Ray Tune "
-          f"({trials} trials of up to {epochs} epochs, each through Ray Train + DeepSpeed), then serving it "
+          f"({trials} trials of up to {epochs} epochs, each through the Ray Train engine), then serving it "
           "with Ray Serve on the local Ray", flush=True)
     started_ray = not os.environ.get("RAY_ADDRESS")
     import ray
