@@ -203,6 +203,45 @@ def _dim(config: object) -> int | None:
     return config.get("dim") or (model.get("dim") if isinstance(model, dict) else None)
 
 
+def _check_export(kind: object, tensors: object, documents: dict, extra_files: dict) -> None:
+    """Raise a one-line StoreError for anything an export cannot hold."""
+    if not isinstance(kind, str) or not kind:
+        raise StoreError(f"model kind must be a non-empty string, got {kind!r}; pass the model family, e.g. kind='flow'")
+    if not isinstance(tensors, dict):
+        raise StoreError(
+            f"tensors must be a dict of name -> torch.Tensor, got {type(tensors).__name__}; pass model.state_dict()"
+        )
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise StoreError(
+                f"tensors[{key!r}] is a {type(value).__name__}, not a torch.Tensor under a string name; pass only tensors"
+            )
+    for where, value in documents.items():
+        if not isinstance(value, dict) and not (where == "transform" and value is None):
+            raise StoreError(f"{where} must be a dict, got {type(value).__name__}; pass a JSON-style dict")
+        _check_json(value, where)
+    for fname, data in extra_files.items():
+        if not _is_name(fname) or fname in (MANIFEST, WEIGHTS) or not isinstance(data, bytes):
+            raise StoreError(
+                f"extra file {fname!r} must have bytes content and a plain name "
+                f"({_NAME_RULE}) other than {MANIFEST} or {WEIGHTS}"
+            )
+
+
+def _manifest(name: str, kind: str, documents: dict, tensors: dict[str, torch.Tensor], blobs: dict[str, bytes]) -> dict:
+    """The manifest of an export: identity, the documents, tensor shapes and every file's sha256."""
+    return {
+        "format": FORMAT,
+        "name": name,
+        "kind": kind,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "densiray_version": __version__,
+        **documents,
+        "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in tensors.items()},
+        "files": {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()},
+    }
+
+
 class Store:
     """A directory of exported models, local or behind a pyarrow filesystem URI."""
 
@@ -256,32 +295,8 @@ class Store:
     ) -> str:
         """Write a model atomically into ``<store>/<name>/``, replacing any previous one; returns the folder."""
         check_name(name)
-        if not isinstance(kind, str) or not kind:
-            raise StoreError(
-                f"model kind must be a non-empty string, got {kind!r}; pass the model family, e.g. kind='flow'"
-            )
-        if not isinstance(tensors, dict):
-            raise StoreError(
-                f"tensors must be a dict of name -> torch.Tensor, got {type(tensors).__name__}; pass model.state_dict()"
-            )
-        for key, value in tensors.items():
-            if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-                raise StoreError(
-                    f"tensors[{key!r}] is a {type(value).__name__}, not a torch.Tensor under a string name; "
-                    "pass only tensors"
-                )
         documents = {"config": config, "transform": transform, "metrics": metrics, "provenance": provenance}
-        for where, value in documents.items():
-            if not isinstance(value, dict) and not (where == "transform" and value is None):
-                raise StoreError(f"{where} must be a dict, got {type(value).__name__}; pass a JSON-style dict")
-            _check_json(value, where)
-        extra_files = extra_files or {}
-        for fname, data in extra_files.items():
-            if not _is_name(fname) or fname in (MANIFEST, WEIGHTS) or not isinstance(data, bytes):
-                raise StoreError(
-                    f"extra file {fname!r} must have bytes content and a plain name "
-                    f"({_NAME_RULE}) other than {MANIFEST} or {WEIGHTS}"
-                )
+        _check_export(kind, tensors, documents, extra_files or {})
         # A fresh contiguous CPU copy: safetensors needs contiguous tensors and refuses shared storage.
         cpu = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
         try:
@@ -290,22 +305,8 @@ class Store:
             raise StoreError(
                 f"cannot serialise the tensors with safetensors ({_one_line(e)}); pass plain numeric tensors"
             ) from e
-        blobs = {WEIGHTS: weights, **extra_files}
-        manifest = {
-            "format": FORMAT,
-            "name": name,
-            "kind": kind,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "densiray_version": __version__,
-            "config": config,
-            "transform": transform,
-            "metrics": metrics,
-            "provenance": provenance,
-            "tensors": {
-                k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in cpu.items()
-            },
-            "files": {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()},
-        }
+        blobs = {WEIGHTS: weights, **(extra_files or {})}
+        manifest = _manifest(name, kind, documents, cpu, blobs)
         blobs[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
         with self._io(f"export model {name!r} to {self.uri}"):
             self._replace(name, blobs)
