@@ -67,7 +67,8 @@ def logs_to(log_file: str | os.PathLike | None, verbose: bool = False):
     if verbose or log_file is None:
         yield None
         return
-    import ray  # noqa: F401  (Ray sets up its loggers on import: do that first, then take them over)
+    import ray  # noqa: F401  (Ray and Serve set up their loggers on import: do that first, then take them over)
+    import ray.serve  # noqa: F401
 
     path = Path(log_file)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,32 +73,34 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
         baselines[label] = {**_mean_se(lp), "paired": paired(dnmm_lp, lp), **info}
 
     import densiray.serve as ds
+    from densiray import console
 
-    url = ds.start(store=store, host=host, port=port)
-    try:
-        point = task.transform.inverse(task.test_x[:3].astype(np.float64)).round(3).tolist()
-        answers = {
-            "log_prob": _post(f"{url}/v1/models/{name}/log_prob", {"x": point}),
-            "sample": _post(f"{url}/v1/models/{name}/sample", {"n": 3, "seed": 0}),
-            "score": _post(f"{url}/v1/models/{name}/score", {"x": [point[0], [40.0] * len(point[0])]}),
-        }
-        report = {"name": name, "url": url, "trial_id": summary["trial_id"], "config": summary["config"],
-                  "trials": summary["trials"], "tune_time_s": summary["tune_time_s"],
-                  "dnmm": {k: summary["metrics"][k] for k in ("test_log_lik", "test_log_lik_se", "integral", "integral_se")},
-                  "baselines": baselines, "http": answers, "plots": summary["plots"], "path": summary["path"],
-                  "total_time_s": round(time.perf_counter() - t0, 1)}
-        _print(report, point)
-        if keep_serving:
-            print(f"\nserving at {url} — press Ctrl-C to stop", flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
-    finally:
-        ds.shutdown()
-        if started_ray:
-            ray.shutdown()
+    with console.logs_to(summary.get("log")):  # Serve's own lines go to the sweep's log too
+        url = ds.start(store=store, host=host, port=port)
+        try:
+            point = task.transform.inverse(task.test_x[:3].astype(np.float64)).round(3).tolist()
+            answers = {
+                "log_prob": _post(f"{url}/v1/models/{name}/log_prob", {"x": point}),
+                "sample": _post(f"{url}/v1/models/{name}/sample", {"n": 3, "seed": 0}),
+                "score": _post(f"{url}/v1/models/{name}/score", {"x": [point[0], [40.0] * len(point[0])]}),
+            }
+            report = {"name": name, "url": url, "trial_id": summary["trial_id"], "config": summary["config"],
+                      "trials": summary["trials"], "tune_time_s": summary["tune_time_s"],
+                      "dnmm": {k: summary["metrics"][k] for k in ("test_log_lik", "test_log_lik_se", "integral", "integral_se")},
+                      "baselines": baselines, "http": answers, "plots": summary["plots"], "path": summary["path"],
+                      "total_time_s": round(time.perf_counter() - t0, 1)}
+            _print(report, point)
+            if keep_serving:
+                print(f"\nserving at {url} — press Ctrl-C to stop", flush=True)
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            ds.shutdown()
+            if started_ray:
+                ray.shutdown()
     return report
 
 
