@@ -26,10 +26,17 @@ class Live:
     the text changed and ``every_s`` passed (so a log is not flooded)."""
 
     def __init__(self, stream=None, every_s: float = 30.0):
-        self.stream = stream or sys.stdout
+        self._stream = stream  # None: whatever sys.stdout is when writing (and picklable: Tune saves callbacks)
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every_s = every_s
         self._last, self._last_t, self._width = "", 0.0, 0
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None}
 
     def update(self, text: str, final: bool = False) -> None:
         if self.tty:
