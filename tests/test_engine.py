@@ -299,6 +299,7 @@ def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
     d = Path(result.checkpoint_path)
     ema = load_file(str(d / "ema.safetensors"))
     raw = load_file(str(d / "deepspeed" / "state" / "model.safetensors"))  # the DDP engine's own state
-    assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    # the engine's own state leaves frozen tensors out (a DNMM's fixed base Gaussians); the EMA holds them all
+    assert set(raw) <= set(ema) and any(not torch.equal(ema[k], raw[k]) for k in raw)
     if result.state["best_epoch"] == 3:  # the best weights are the EMA's, not the raw ones
         assert all(torch.equal(result.best_weights[k], ema[k]) for k in ema)
