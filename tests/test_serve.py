@@ -191,6 +191,7 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if not own_ray:
         env["RAY_ADDRESS"] = ray_cluster
+        serve.shutdown()  # an earlier test's Serve on the shared cluster would hold another port
     proc = subprocess.Popen([sys.executable, "-m", "densiray.cli", "serve", "--store", str(tmp_path / "empty"),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
