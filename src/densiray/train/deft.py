@@ -32,6 +32,7 @@ from densiray.models.deft import (
 )
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
+from densiray.train.task import fmt as _fmt
 
 EVAL_BATCH = 64
 DENSITY_TAUS = (0.0, 1e-3, 1e-2)  # also reported at these thresholds, for comparisons across models
@@ -214,10 +215,6 @@ def default_space(task: DEFTTask) -> dict:
         "model.lora_r": {"choice": [4, 8, 16]},
         "train.lr": {"loguniform": [3e-4, 3e-3]},
     }
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def summary_lines(m: dict) -> list[tuple[str, str]]:

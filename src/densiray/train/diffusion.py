@@ -31,6 +31,7 @@ from densiray.models.diffusion import (
 )
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
+from densiray.train.task import fmt as _fmt
 
 DEFAULT_RESOLUTION = 64
 DEFAULT_FIELDS = 1024
@@ -272,10 +273,6 @@ def default_space(task: DiffusionTask) -> dict:
         "train.lr": {"loguniform": [1e-4, 3e-3]},
         "train.batch_size": {"choice": [16, 32, 64]},
     }
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def summary_lines(m: dict) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from densiray.data import Standardizer, load_dataset, split
 from densiray.models.dnmm import DNMM, VARIANTS, DNMMConfig, fit_gmm, make_warp, select_base
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
+from densiray.train.task import fmt as _fmt
 
 CALIBRATION_PERCENTILES = OUTLIER_PERCENTILES  # the thresholds Serve's /score offers
 
@@ -260,10 +261,6 @@ def default_space(task: DNMMTask) -> dict:
     # The paper's box-supported variant (model.variant: bounded) is left out by default: it gives
     # held-out rows outside the training box log p = -inf, so it loses every validation comparison.
     return space
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def summary_lines(m: dict) -> list[tuple[str, str]]:

@@ -46,6 +46,7 @@ from densiray.models.sortednet import (
 )
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task
+from densiray.train.task import fmt as _fmt
 
 EVAL_BATCH = 64
 ROW_SETS = {"digits": "load_digits", "iris": "load_iris", "wine": "load_wine", "breast_cancer": "load_breast_cancer"}
@@ -512,10 +513,6 @@ def default_space(task: SortedNetTask) -> dict:
         "model.distill_weight": {"uniform": [0.0, 1.0]},
         "train.lr": {"loguniform": [1e-5, 1e-4] if task.text else [3e-4, 1e-2]},
     }
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def summary_lines(m: dict) -> list[tuple[str, str]]:

@@ -109,3 +109,8 @@ class Task(ABC):
 def better(a: float, b: float, mode: str) -> bool:
     """Whether metric value ``a`` improves on ``b`` in direction ``mode`` ("max" or "min")."""
     return a > b if mode == "max" else a < b
+
+
+def fmt(v, digits: int = 4) -> str:
+    """A metric for a summary line: ``-`` for None, floats to ``digits`` places."""
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
