@@ -91,6 +91,13 @@ JOB_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.
            "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
+class _AuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster" notice (a default, not a problem)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect to the cluster in RAY_ADDRESS (or the ``ray job submit`` one), else start a local Ray."""
     for k, v in JOB_ENV.items():
@@ -105,6 +112,10 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     else:
+        # Ray enables token auth for a new local cluster and says so on the console each time; that notice
+        # (not the warning for a cluster without auth) is left out unless verbose.
+        if not log_to_driver:
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthNotice())
         # The dashboard (on 127.0.0.1) serves the state API that Ray Train's cleanup thread polls.
         ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
 
