@@ -352,7 +352,8 @@ class SortedNetTask(Task):
         return trim(batch)
 
     def loss(self, engine, batch: dict, ctx: StepContext):
-        """Sum over the step's trained sub-models (every depth of a sorted draw) of their loss (module doc)."""
+        """The full model's cross-entropy (when the step trains it) plus the mean (``sub_loss: sum``: the sum) of
+        the terms of every sub-model exit of the step's passes, as in the module docstring."""
         module = engine.module
         c = self.config
         specs = self.plan(module, ctx.generator)
