@@ -123,7 +123,7 @@ def test_mlp_slices_equal_a_plain_smaller_mlp():
 
 def test_every_rank_draws_the_same_submodels_and_sandwich_includes_the_smallest():
     task = build_task("sortednet", RunSpec(dataset="digits", model={"hidden": 16, "depth": 3, "grid": "3x4",
-                                                                    "samples_per_step": 3}))
+                                                                    "samples_per_step": 3, "sampling": "sandwich"}))
     m = task.build_model()
     seen = set()
     for step in range(20):  # the engine seeds the step's generator from (run seed, step) alone
@@ -133,6 +133,69 @@ def test_every_rank_draws_the_same_submodels_and_sandwich_includes_the_smallest(
         assert picks[0][0] == "l1-w0.25" and "l3-w1" not in picks[0]
         seen.update(picks[0])
     assert len(seen) > 6  # the random part varies from step to step
+
+
+def test_sorted_sampling_trains_k_widths_with_every_depth_in_one_pass():
+    """The default recipe: K passes per step, the full model among them with probability full_prob, each
+    pass a (width) point at its deepest grid depth with every grid depth as an exit."""
+    task = build_task("sortednet", RunSpec(dataset="digits", model={"hidden": 16, "depth": 3, "grid": "3x4"}))
+    assert task.config.sampling == "sorted" and task.config.samples_per_step == 2 and task.config.full_prob == 1.0
+    m = task.build_model()
+    widths = set()
+    for step in range(30):
+        plans = [task.plan(m, torch.Generator().manual_seed(step)) for _rank in range(2)]
+        assert plans[0] == plans[1] and len(plans[0]) == 2
+        assert plans[0][0] == {"layers": 3, "width": 1.0, "heads": None, "depths": [1, 2, 3]}  # the full model
+        other = plans[0][1]
+        assert other["width"] < 1 and other["layers"] == 3 and other["depths"] == [1, 2, 3]
+        widths.add(other["width"])
+    assert widths == {0.25, 0.5, 0.75}
+    # full_prob 0.5, K=1: one pass per step, the full width in about half of them
+    half = task.with_model({"samples_per_step": 1, "full_prob": 0.5})
+    plans = [half.plan(m, torch.Generator().manual_seed(step)) for step in range(200)]
+    assert all(len(p) == 1 for p in plans)
+    assert 60 < sum(p[0]["width"] == 1.0 for p in plans) < 140
+    assert task.with_model({"samples_per_step": 0}).plan(m, torch.Generator()) == [m.full]  # plain fine-tuning
+    # one pass returns every depth's logits, equal to running each depth alone
+    x = {"x": task.train_data["x"][:5]}
+    out = m(x, [{"layers": 3, "width": 0.5, "heads": None, "depths": [1, 2, 3]}])[0]
+    assert sorted(out["depth_logits"]) == [1, 2, 3] and torch.equal(out["logits"], out["depth_logits"][3])
+    for depth in (1, 2, 3):
+        alone = m(x, [{"layers": depth, "width": 0.5}])[0]["logits"]
+        assert torch.allclose(out["depth_logits"][depth], alone, atol=1e-6)
+
+
+class _Engine:
+    """Calls the module as DeepSpeed's engine would (the loss only needs ``engine.module`` and a call)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+
+@pytest.mark.parametrize(("model", "n_sub"), [
+    ({}, 5),  # the full model (3 depths: 2 are sub-models) + one other width at 3 depths
+    ({"samples_per_step": 0}, 0),
+    ({"sampling": "sandwich", "samples_per_step": 2, "distill_weight": 0.5, "sub_loss": "sum"}, 2)])
+def test_loss_is_the_full_models_cross_entropy_plus_the_sub_models(model, n_sub):
+    task = build_task("sortednet", RunSpec(dataset="digits", model={"hidden": 16, "depth": 3, "grid": "3x4", **model}))
+    torch.manual_seed(0)
+    m = task.build_model()
+    batch = next(iter(task.batches(0, 0, 1, 32)))
+    ctx = StepContext(epoch=0, step=0, micro_step=0, rank=0, world=1, generator=torch.Generator().manual_seed(3))
+    loss, metrics = task.loss(_Engine(m), batch, ctx)
+    assert metrics["submodels_trained"] == n_sub and metrics["full_trained"] == 1.0
+    full_ce = F.cross_entropy(m({"x": batch["x"]}, [m.full])[0]["logits"], batch["labels"])
+    if n_sub == 0:
+        assert torch.allclose(loss, full_ce)
+    else:  # every sub-model term is positive: the total exceeds the full model's alone
+        assert loss.item() > full_ce.item() and metrics["sub_ce"] > 0
+    loss.backward()
+    assert m.inp.weight.grad is not None and m.inp.weight.grad[:4].abs().sum() > 0
+    if model.get("distill_weight"):
+        assert metrics["sub_kl"] > 0
 
 
 class RecordingTask(SortedNetTask):
@@ -273,10 +336,10 @@ def test_only_trains_one_grid_point_as_a_model_of_its_own():
     m = task.build_model()
     assert m.arch["hidden"] == 8 and m.arch["depth"] == 2 and len(m.grid) == 1
     assert sum(p.numel() for p in m.parameters()) == m.count_params(m.full)["params"]
-    assert task.probes(m) == [m.full] and task.sample(m, torch.Generator().manual_seed(0)) == []
+    assert task.probes(m) == [m.full] and task.plan(m, torch.Generator().manual_seed(0)) == [m.full]
     assert parse_spec("l2-w0.5-h3") == {"layers": 2, "width": 0.5, "heads": 3}
     trial = task.with_model({"samples_per_step": 1, "distill_weight": 0.2})
-    assert trial.config.distill_weight == 0.2 and task.config.distill_weight == 0.5
+    assert trial.config.distill_weight == 0.2 and task.config.distill_weight == 0.0
 
 
 def test_default_search_space_validates_and_trials_apply_it():

@@ -202,9 +202,14 @@ register(Family(
         "model": {"help": "encoder: minilm (bundled), a Hugging Face name or a local folder (text data)"},
         "arch": {"choices": ["auto", "encoder", "mlp"], "help": "auto: encoder for text, MLP for rows"},
         "grid": {"help": "sub-model grid 'DxWxH' (encoder: depths x widths x head counts) or 'DxW' (MLP)"},
-        "samples_per_step": {"type": int, "help": "K sub-models trained beside the full model each step (0: plain)"},
-        "sampling": {"choices": ["sandwich", "random"], "help": "sandwich: the smallest + K-1 random"},
-        "distill_weight": {"type": float, "help": "weight of in-place distillation from the full model (0..1)"},
+        "samples_per_step": {"type": int, "help": "K passes per step (sorted; sandwich/random: K sub-models beside "
+                                                  "the full model); 0: plain fine-tuning"},
+        "sampling": {"choices": ["sorted", "sandwich", "random"],
+                     "help": "sorted (default): K (width, heads) points per step, every depth of each in one pass; "
+                             "sandwich: the full model + the smallest + K-1 random"},
+        "full_prob": {"type": float, "help": "sorted: probability that a step trains the full model (default 1)"},
+        "sub_loss": {"choices": ["mean", "sum"], "help": "the full model's loss plus the mean (or sum) of the sub-models'"},
+        "distill_weight": {"type": float, "help": "weight of in-place distillation from the full model (0..1, default 0)"},
         "density_weight": {"type": float, "help": "DEFT activation-density loss on the sub-models (0: off)"},
         "only": {"help": "train one grid point alone, e.g. l3-w0.5-h6 (a reference run)"},
         "max_length": {"type": int, "help": "encoder: tokens per text"},

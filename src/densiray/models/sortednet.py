@@ -74,9 +74,18 @@ class SortedNetConfig(BaseModel):
     widths: list[float] | None = Field(None, description="explicit MLP width fractions in (0, 1]")
     heads: list[int] | None = Field(None, description="explicit head counts")
     # training
-    samples_per_step: int = Field(3, ge=0, le=1024, description="K sub-models trained beside the full model per step")
-    sampling: Literal["sandwich", "random"] = Field("sandwich", description="sandwich: the smallest + K-1 random")
-    distill_weight: float = Field(0.5, ge=0, le=1, description="share of the sub-model loss that is KL to the full model")
+    samples_per_step: int = Field(2, ge=0, le=1024, description="sorted: K sub-networks (passes) per step, the full "
+                                  "model among them with probability full_prob; sandwich/random: K sub-models "
+                                  "beside the full model; 0: plain fine-tuning of the full model")
+    sampling: Literal["sorted", "sandwich", "random"] = Field(
+        "sorted", description="sorted: K (width, heads) points per step, every depth of each in one pass; "
+                              "sandwich: the full model + the smallest + K-1 random; random: the full model + K random")
+    full_prob: float = Field(1.0, ge=0, le=1, description="sorted: probability that the step trains the full model "
+                                                          "(the full width and heads, every depth) as one of its K")
+    sub_loss: Literal["mean", "sum"] = Field("mean", description="the full model's loss plus the mean (or sum) of the "
+                                                                 "step's sub-model losses")
+    distill_weight: float = Field(0.0, ge=0, le=1, description="share of the sub-model loss that is KL to the full "
+                                                               "model's logits (in steps that train the full model)")
     temperature: float = Field(1.0, gt=0, description="distillation temperature")
     density_weight: float = Field(0.0, ge=0, description="DEFT activation-density loss on the sub-models (0: off)")
     eps: float = Field(1e-3, gt=0, description="epsilon of a^2/(a^2+eps)")
@@ -211,6 +220,15 @@ def _density_term(a: torch.Tensor, mask: torch.Tensor | None, eps: float) -> tor
     return (d * m).sum() / (m.sum() * a.shape[-1]).clamp_min(1)
 
 
+def _shared_head(head: SlicedLinear, drop: nn.Module, exits: list[tuple[int, torch.Tensor]],
+                 in_k: int | None = None) -> dict[int, torch.Tensor]:
+    """The shared head on every exit ``(depth, features)`` in one call (one matmul for all depths)."""
+    if len(exits) == 1:
+        return {exits[0][0]: head(drop(exits[0][1]), in_k=in_k).float()}
+    logits = head(drop(torch.stack([e for _, e in exits])), in_k=in_k).float()
+    return {d: logits[j] for j, (d, _) in enumerate(exits)}
+
+
 class NestedModule(nn.Module):
     """What both nested classifiers share: the grid, widths in units, the forward over several specs."""
 
@@ -242,13 +260,22 @@ class NestedModule(nn.Module):
         return l, max(1, round(w * self.intermediate)), h
 
     def forward(self, inputs: dict, specs: list[dict]) -> list[dict]:
-        """One output per spec: ``{"logits": (B, C)}`` (+ ``"density_loss"`` when the density loss is on)."""
+        """One output per spec: ``{"logits": (B, C)}`` (+ ``"density_loss"`` when the density loss is on).
+
+        A spec with ``"depths": [l1, l2, ...]`` (each <= its ``layers``) runs its layers once and also
+        returns ``"depth_logits": {l: (B, C)}``, the logits of every listed depth at the spec's width and
+        heads (the depths share their layers; each extra depth costs one pooling and one head call)."""
         state = self.embed(inputs)
         outs = []
         for spec in specs:
             l, k, h = self.units(spec)
-            res = self.run(state, k, h, {l})
+            depths = set(spec.get("depths") or ()) | {l}
+            if max(depths) > l or min(depths) < 1:
+                raise ValueError(f"depths {sorted(depths)} outside 1..{l}")
+            res = self.run(state, k, h, depths)
             out = {"logits": res["logits"][l]}
+            if spec.get("depths"):
+                out["depth_logits"] = res["logits"]
             if "density" in res:
                 out["density_loss"] = res["density"]
             outs.append(out)
@@ -297,7 +324,7 @@ class NestedMLP(NestedModule):
     def run(self, state: dict, k: int, heads, depths: set[int], density: bool | None = None) -> dict:
         density = self.density_on if density is None else density
         h = F.relu(self.inp(state["x"], out_k=k))
-        logits, dens = {}, []
+        exits, dens = [], []
         if density:
             dens.append(_density_term(h, None, self.config.eps))
         for i in range(1, max(depths) + 1):
@@ -306,8 +333,8 @@ class NestedMLP(NestedModule):
                 if density:
                     dens.append(_density_term(h, None, self.config.eps))
             if i in depths:
-                logits[i] = self.head(self.drop(h), in_k=k).float()
-        out = {"logits": logits}
+                exits.append((i, h))
+        out = {"logits": _shared_head(self.head, self.drop, exits, in_k=k)}
         if density:
             out["density"] = torch.stack(dens).mean()
         return out
@@ -424,16 +451,15 @@ class NestedEncoder(NestedModule):
         density = self.density_on if density is None else density
         x, mask, bias = state["x"], state["mask"], state["bias"]
         bias = bias.to(x.dtype)
-        logits, dens = {}, []
+        exits, dens = [], []
+        m = mask.to(x.dtype).unsqueeze(-1)
         for i in range(1, max(depths) + 1):
             x, a = self.layers[i - 1](x, bias, h, k)
             if density:
                 dens.append(_density_term(a, mask, self.config.eps))
             if i in depths:
-                m = mask.to(x.dtype).unsqueeze(-1)
-                pooled = (x * m).sum(1) / m.sum(1).clamp_min(1)
-                logits[i] = self.head(self.head_drop(pooled)).float()
-        out = {"logits": logits}
+                exits.append((i, (x * m).sum(1) / m.sum(1).clamp_min(1)))
+        out = {"logits": _shared_head(self.head, self.head_drop, exits)}
         if density:
             out["density"] = torch.stack(dens).mean()
         return out

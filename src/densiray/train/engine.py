@@ -583,7 +583,7 @@ def _run_epoch(run: _Run, state: LoopState) -> dict[str, float]:
     engine.train()
     sums: dict[str, float] = {}
     count = rows = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     batches = iter(task.batches(state.epoch, run.rank, run.world, run.micro))
     for _ in range(run.steps_per_epoch):
         for micro_step in range(k):
@@ -608,7 +608,8 @@ def _run_epoch(run: _Run, state: LoopState) -> dict[str, float]:
             state.first_step_time = time.time()
     seconds = time.perf_counter() - t0
     out = reduce_metrics({**{f"train_{key}": v / max(count, 1) for key, v in sums.items()},
-                          "train_time_s": seconds, "train_samples": float(rows)}, run.device)
+                          "train_time_s": seconds, "train_cpu_s": time.process_time() - cpu0,
+                          "train_samples": float(rows)}, run.device)
     out["train_samples"] *= run.world  # rows of all ranks
     return out
 

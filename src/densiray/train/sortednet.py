@@ -1,16 +1,23 @@
-"""The SortedNet Task: train the full model and K sampled nested sub-models in every step.
+"""The SortedNet Task: train the full model and sampled nested sub-models in every step.
 
-Each optimizer step: the full model's cross-entropy plus, for K sub-models drawn from the grid with the
-step's shared generator (``ctx.generator``: every rank draws the same ones, which ZeRO-3 needs),
+Default recipe (``sampling: sorted``; SortedNet's sorted probabilistic training, Valipour et al. 2023):
+each step runs K passes (``samples_per_step``, default 2), drawn with the step's shared generator
+(``ctx.generator``: every rank draws the same ones, which ZeRO-3 needs): the full model with probability
+``full_prob`` (default 1) and (width, heads) points drawn uniformly without replacement from the rest of
+the grid. A pass runs its layers once and reads *every grid depth* at that point through the shared head
+(the depths share their layers; an extra depth costs one pooling and one head row), so one pass trains
+all depths of its point. With E the sub-model exits of the step,
 
-    L = CE(f_full(x), y) + Σ_k [(1-α)·CE(f_k(x), y) + α·T²·KL(softmax(f_full/T) ‖ softmax(f_k/T))] + λ·D_k
+    L = CE(f_full(x), y) + (1/|E|) Σ_{e∈E} [(1-α)·CE(f_e(x), y) + α·T²·KL(softmax(f_full/T) ‖ softmax(f_e/T))] + λ·Σ D_p
 
-with α the distillation weight (in-place distillation from the full model's detached logits,
-slimmable networks), T the temperature and D_k DEFT's activation-density term of sub-model k (weight
-λ, off by default). Sampling ``sandwich`` always includes the smallest grid point (the largest, the
-full model, is always trained); ``random`` draws K distinct points. ``samples_per_step: 0`` is plain
-fine-tuning of the full model; ``only: l3-w0.5-h6`` trains that one grid point as a model of its own
-(its weights sliced from the pretrained ones): the references of the benchmark.
+(``sub_loss: sum`` drops the 1/|E|), α the distillation weight (default 0; applied only in steps that
+train the full model, whose detached logits are the teacher, so distillation never costs an extra
+forward), T the temperature and D_p DEFT's activation-density term of each pass without the full model
+(weight λ, off by default). ``samples_per_step: 1, full_prob: 0.5`` is the paper's one sub-network per
+step. ``sampling: sandwich`` (slimmable networks) trains the full model and K sub-models every step, one
+pass each, always including the smallest; ``random`` draws K distinct points beside the full model.
+``samples_per_step: 0`` is plain fine-tuning of the full model; ``only: l3-w0.5-h6`` trains that one grid
+point as a model of its own (its weights sliced from the pretrained ones): the references of the benchmark.
 
 Text (``finefood`` or a .csv/.tsv/.jsonl file with text,label) trains a :class:`NestedEncoder` (default
 the bundled MiniLM); rows (``digits``, ``iris``, ``wine``, ``breast_cancer`` from scikit-learn, or a
@@ -276,7 +283,16 @@ class SortedNetTask(Task):
         return out
 
     def sample(self, module: NestedModule, generator: torch.Generator) -> list[dict]:
-        """The K sub-models of this step (never the full model), the same on every rank for a shared generator."""
+        """The sub-models of this step, the same on every rank for a shared generator.
+
+        ``sorted``: K draws of a (width, heads) point of the grid, each the full width (and all heads) with
+        probability ``full_prob``, else uniform over the other points; a draw is one spec at its deepest
+        grid depth with ``"depths"``: every grid depth at that point, trained in one pass (duplicates
+        dropped; the full model is among them when the full width is drawn). ``sandwich``/``random``:
+        K grid points, never the full model (which :meth:`loss` always adds); sandwich always includes
+        the smallest."""
+        if self.config.sampling == "sorted":
+            return self._sorted_draws(module, generator)
         full = spec_name(module.full)
         pool = [s for s in module.grid if spec_name(s) != full]
         k = min(self.config.samples_per_step, len(pool))
@@ -290,6 +306,32 @@ class SortedNetTask(Task):
             k -= 1
         order = torch.randperm(len(pool), generator=generator).tolist()
         return picks + [pool[i] for i in order[:k]]
+
+    def _sorted_draws(self, module: NestedModule, generator: torch.Generator) -> list[dict]:
+        points: dict[tuple, list[int]] = {}
+        for s in module.grid:
+            points.setdefault((s["width"], s.get("heads")), []).append(s["layers"])
+        full_key = (module.full["width"], module.full["heads"])
+        if full_key not in points:  # a grid without the full width: the deepest full-width model still trains
+            points[full_key] = [module.full["layers"]]
+        others = [p for p in points if p != full_key]
+        k = self.config.samples_per_step
+        picked: list[tuple] = []
+        if not others or float(torch.rand((), generator=generator)) < self.config.full_prob:
+            picked.append(full_key)
+            k -= 1
+        order = torch.randperm(len(others), generator=generator).tolist()
+        picked += [others[i] for i in order[:max(0, k)]]
+        return [{"layers": max(points[key]), "width": key[0], "heads": key[1],
+                 **({"depths": sorted(points[key])} if len(points[key]) > 1 else {})} for key in picked]
+
+    def plan(self, module: NestedModule, generator: torch.Generator) -> list[dict]:
+        """Every spec one step trains: the full model alone (``samples_per_step: 0``), the sorted draws, or the
+        full model followed by the K sub-models (sandwich/random)."""
+        if self.config.samples_per_step == 0:
+            return [module.full]
+        subs = self.sample(module, generator)
+        return subs if self.config.sampling == "sorted" else [module.full] + subs
 
     # -- engine side ----------------------------------------------------------------------------------
 
@@ -310,38 +352,54 @@ class SortedNetTask(Task):
         return trim(batch)
 
     def loss(self, engine, batch: dict, ctx: StepContext):
+        """The full model's cross-entropy (when the step trains it) plus the mean (``sub_loss: sum``: the sum) of
+        the terms of every sub-model exit of the step's passes, as in the module docstring."""
         module = engine.module
         c = self.config
-        subs = self.sample(module, ctx.generator)
-        specs = [module.full] + subs
+        specs = self.plan(module, ctx.generator)
         y = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         outs = engine(inputs, specs)
-        full = outs[0]["logits"].float()
-        ce_full = F.cross_entropy(full, y)
-        loss = ce_full
-        metrics = {"ce": ce_full.detach().item(), "accuracy": (full.argmax(1) == y).float().mean().item()}
-        if subs:
-            teacher = F.log_softmax(full.detach() / c.temperature, -1)
-            sub_ce = sub_kl = sub_acc = dens = 0.0
-            for out in outs[1:]:
-                logits = out["logits"].float()
-                ce = F.cross_entropy(logits, y)
-                term = (1 - c.distill_weight) * ce
-                if c.distill_weight > 0:
-                    kl = F.kl_div(F.log_softmax(logits / c.temperature, -1), teacher, log_target=True,
-                                  reduction="batchmean") * c.temperature ** 2
-                    term = term + c.distill_weight * kl
-                    sub_kl += kl.detach().item()
-                if "density_loss" in out:
-                    term = term + c.density_weight * out["density_loss"]
-                    dens += out["density_loss"].detach().item()
-                loss = loss + term
-                sub_ce += ce.detach().item()
-                sub_acc += (logits.argmax(1) == y).float().mean().item()
-            metrics.update({"sub_ce": sub_ce / len(subs), "sub_accuracy": sub_acc / len(subs), "sub_kl": sub_kl / len(subs)})
+        full_name = spec_name(module.full)
+        is_full, logits, dens = [], [], []  # per exit; density terms of the passes without the full model
+        for spec, out in zip(specs, outs):
+            per_depth = out.get("depth_logits") or {spec["layers"]: out["logits"]}
+            names = [spec_name({**spec, "layers": l}) for l in sorted(per_depth)]
+            is_full += [n == full_name for n in names]
+            logits += [per_depth[l].float() for l in sorted(per_depth)]
+            if "density_loss" in out and full_name not in names:
+                dens.append(out["density_loss"])
+        z = torch.stack(logits)  # (exits, B, C): every term below is one call over all exits
+        e, b, n_cls = z.shape
+        ce = F.cross_entropy(z.reshape(e * b, n_cls), y.repeat(e), reduction="none").view(e, b).mean(1)
+        full_mask = torch.tensor(is_full, dtype=torch.bool, device=z.device)
+        n_sub = e - int(full_mask.sum())
+        sub_w = (1.0 / max(1, n_sub)) if c.sub_loss == "mean" else 1.0
+        distill = bool(full_mask.any()) and c.distill_weight > 0 and n_sub > 0
+        w_sub = sub_w * ((1 - c.distill_weight) if distill else 1.0)
+        weights = torch.where(full_mask, 1.0, w_sub).to(ce.dtype)
+        loss = (weights * ce).sum()
+        kl_mean = 0.0
+        if distill:
+            teacher = F.log_softmax(z[full_mask][0].detach() / c.temperature, -1)
+            student = F.log_softmax(z[~full_mask] / c.temperature, -1)
+            kl = (teacher.exp() * (teacher - student)).sum(-1).mean(-1) * c.temperature ** 2  # (sub exits,)
+            loss = loss + sub_w * c.distill_weight * kl.sum()
+            kl_mean = float(kl.detach().mean())
+        for d in dens:
+            loss = loss + c.density_weight * d
+        # the same keys in every step (the engine averages them over steps and ranks); one sync for all
+        acc = (z.detach().argmax(-1) == y).float().mean(1)
+        ce_l, acc_l, full_l = ce.detach().tolist(), acc.tolist(), full_mask.tolist()
+        sub_ce = [x for x, f in zip(ce_l, full_l) if not f]
+        sub_acc = [x for x, f in zip(acc_l, full_l) if not f]
+        metrics = {"ce": float(np.mean(ce_l)), "accuracy": float(np.mean(acc_l)), "full_trained": float(any(full_l)),
+                   "submodels_trained": float(n_sub)}
+        if c.samples_per_step > 0:
+            metrics.update({"sub_ce": float(np.mean(sub_ce)) if sub_ce else 0.0,
+                            "sub_accuracy": float(np.mean(sub_acc)) if sub_acc else 0.0, "sub_kl": kl_mean})
             if c.density_weight > 0:
-                metrics["sub_density_loss"] = dens / len(subs)
+                metrics["sub_density_loss"] = float(torch.stack(dens).mean().detach()) if dens else 0.0
         return loss, metrics
 
     def evaluate(self, engine) -> dict[str, float]:
@@ -438,6 +496,7 @@ class SortedNetTask(Task):
                "latency_batch": lat_n, "eval_rows": {"val": sum(len(b["labels"]) for b in val_b),
                                                       "test": sum(len(b["labels"]) for b in test_b)},
                "samples_per_step": self.config.samples_per_step, "sampling": self.config.sampling,
+               "full_prob": self.config.full_prob, "sub_loss": self.config.sub_loss,
                "distill_weight": self.config.distill_weight, "density_weight": self.config.density_weight,
                "input_kind": model.input_kind, "only": spec_name(self.only) if self.only else None,
                "submodels": rows}
@@ -507,9 +566,11 @@ def pareto_plot(metrics: dict, history: list[dict], title: str, others: dict[str
 
 
 def default_space(task: SortedNetTask) -> dict:
-    """What ``densiray tune sortednet`` searches: K, the distillation weight and the learning rate."""
+    """What ``densiray tune sortednet`` searches: K, how often the full model trains, the distillation weight
+    and the learning rate."""
     return {
         "model.samples_per_step": {"choice": [1, 2, 3, 4]},
+        "model.full_prob": {"uniform": [0.5, 1.0]},
         "model.distill_weight": {"uniform": [0.0, 1.0]},
         "train.lr": {"loguniform": [1e-5, 1e-4] if task.text else [3e-4, 1e-2]},
     }
