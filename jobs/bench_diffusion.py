@@ -12,7 +12,8 @@ trajectories:
 * unconditional samples: radial energy spectrum against the held-out data's;
 * held-out log-likelihood by the probability-flow ODE (nats per dimension, data units).
 
-    PYTHONPATH=src python jobs/bench_diffusion.py [--resolution 32] [--epochs 25] [--out jobs/results]
+    PYTHONPATH=src python jobs/bench_diffusion.py [--resolution 32] [--epochs 36] [--out jobs/results]
+    PYTHONPATH=src python jobs/bench_diffusion.py --reuse --store STORE   # condition an exported prior again
 
 Writes ``diffusion.json``, ``diffusion.md`` and ``diffusion.png`` into ``--out``.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,7 +89,7 @@ def wiener(train: np.ndarray, k: int, sigma: float):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=25)
+    ap.add_argument("--epochs", type=int, default=36)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--base", type=int, default=16)
@@ -190,7 +192,8 @@ def main() -> None:
                                   "gamma": post_kw.get("gamma", DEFAULT_GAMMA),
                                   "corrections": post_kw.get("corrections", DEFAULT_CORRECTIONS),
                                   "n": args.n, "steps": args.steps, "sampler": "EDM Heun"},
-                    "held_out_fields": len(pick)},
+                    "held_out_fields": len(pick),
+                    "command": "PYTHONPATH=src python jobs/bench_diffusion.py " + " ".join(sys.argv[1:])},
         "coarse_4x": {"rmse": rmse, "rmse_bicubic": rmse_b, "rmse_ratio_to_bicubic": rmse / rmse_b,
                       "rmse_wiener": avg(coarse_rows, "rmse_wiener"),
                       "wiener_ratio_to_bicubic": avg(coarse_rows, "rmse_wiener") / rmse_b,
@@ -279,7 +282,8 @@ def write_markdown(res: dict, path: Path) -> None:
         "",
         f"Held-out log-likelihood: {ll['test_nats_per_dim']:.4f} ± {ll['se']:.4f} nats/dim ({ll['units']}).",
         "",
-        "Command: `PYTHONPATH=src python jobs/bench_diffusion.py` (figure: diffusion.png).",
+        f"Command: `{st.get('command', 'PYTHONPATH=src python jobs/bench_diffusion.py')}` (figures: diffusion.png, "
+        "diffusion_spectrum.png).",
     ]
     path.write_text("\n".join(lines) + "\n")
 
