@@ -107,7 +107,11 @@ def main() -> None:
                      "to_nearest_other_half_field": float(np.mean(other)),
                      "held_out_to_nearest_training_field": float(reference.mean()), "samples": args.samples})
         print(json.dumps(rows[-1]), flush=True)
-    total = time.perf_counter() - t_start
+        write(rows, args, time.perf_counter() - t_start)  # after every size: a bounded run keeps what it did
+
+
+def write(rows: list[dict], args, total: float) -> None:
+    """JSON, markdown and the plot of the rows so far."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setting = {"simulation": SIMULATION, "opt_steps": args.opt_steps, "base": args.base, "sampler_steps": args.steps,
