@@ -8,7 +8,8 @@ samples agree and are far from every training field).
 The halves are disjoint by trajectory, not only by field (snapshots of one trajectory one time unit
 apart are correlated; a random split by field would put near-copies in both halves). For every N the
 two models get the same number of optimizer steps (``--opt-steps``), so a small N is trained for many
-epochs, as memorisation needs. As a reference the held-out fields' own cosine similarity to their
+epochs, as memorisation needs, and the weights after the last step are exported (not the epoch with the
+best validation loss, which for a small N is the one before it starts to memorise). As a reference the held-out fields' own cosine similarity to their
 nearest training field is reported (what a generalizing model's samples should look like).
 
 A thin driver: training goes through ``densiray.api.train`` (the engine), with the fields passed as
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--steps", type=int, default=32, help="Heun steps of the samplers")
     ap.add_argument("--out", default="jobs/results")
+    ap.add_argument("--name", default="generalization_diffusion", help="stem of the result files")
     args = ap.parse_args()
 
     import torch
@@ -94,7 +96,10 @@ def main() -> None:
                      overrides={"model": {"base": args.base, "mults": [1, 2, 2], "ema_decay": 0.995},
                                 "train": {"epochs": epochs, "workers": 0, "batch_size": bs, "lr": 2e-3,
                                           "patience": 0, "zero_stage": 0, "schedule": "cosine",
-                                          "warmup_fraction": 0.02, "checkpoint_every": max(1, epochs // 8)}})
+                                          "warmup_fraction": 0.02, "checkpoint_every": max(1, epochs // 8),
+                                          # the weights after the budget, not the best validation epoch
+                                          # (which would stop a memorising small-N model early)
+                                          "keep": "last"}})
             times.append(time.perf_counter() - t0)
             samples.append(load_model(name, str(work / "store")).sample(args.samples, seed=0, steps=args.steps))
         between = np.diag(cosine(samples[0], samples[1]))
@@ -118,7 +123,7 @@ def write(rows: list[dict], args, total: float) -> None:
                "halves": "disjoint by trajectory (15 trajectories each; 2 more held out)",
                "hardware": f"CPU, 1 torch thread, 2 cores shared with other jobs (1-min load average "
                            f"{os.getloadavg()[0]:.1f} at the end)", "wall_s": round(total, 1)}
-    (out / "generalization_diffusion.json").write_text(json.dumps({"rows": rows, "setting": setting}, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps({"rows": rows, "setting": setting}, indent=2))
     lines = ["# Generalization of diffusion priors: two models on disjoint halves of 2N fields", "",
              f"32x32 Kolmogorov vorticity ({SIMULATION['fine']}x{SIMULATION['fine']} simulation, block means); "
              f"U-Net base {args.base}, EDM, EMA 0.995, {args.opt_steps} optimizer steps per model (cosine lr from 2e-3), "
@@ -136,8 +141,9 @@ def write(rows: list[dict], args, total: float) -> None:
               "models agreeing on the same noise while their samples are no closer to their own training "
               "fields than to the other half's.", "",
               f"Command: `PYTHONPATH=src python jobs/generalization_diffusion.py --sizes "
-              f"{' '.join(map(str, args.sizes))} --opt-steps {args.opt_steps}` (plot: generalization_diffusion.png)."]
-    (out / "generalization_diffusion.md").write_text("\n".join(lines) + "\n")
+              f"{' '.join(map(str, args.sizes))} --opt-steps {args.opt_steps}"
+              f"{'' if args.name == 'generalization_diffusion' else ' --name ' + args.name}` (plot: {args.name}.png)."]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +159,7 @@ def write(rows: list[dict], args, total: float) -> None:
     ax.set_xlabel("training fields per model (N)")
     ax.set_ylabel("cosine similarity")
     ax.legend(fontsize=7)
-    fig.savefig(out / "generalization_diffusion.png", dpi=90, bbox_inches="tight")
+    fig.savefig(out / f"{args.name}.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
