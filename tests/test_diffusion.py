@@ -139,6 +139,26 @@ def test_gaussian_conditioning_recovers_the_exact_posterior():
     assert 0.5 < ratio < 1.3 and np.corrcoef(got.numpy(), exact.numpy())[0, 1] > 0.95
 
 
+def test_langevin_corrections_keep_prior_and_posterior():
+    """Predictor-corrector sampling (Langevin steps with the same score after each Heun step) leaves the
+    N(0, I) prior and the exact sensor posterior where they were (only the discretisation changes). The
+    step δ = τ/mean(s²) is one for all pixels, so τ must be small where observations make some pixels'
+    posterior much sharper than the rest (stability needs δ < 2 x their variance)."""
+    g = torch.Generator().manual_seed(5)
+    x = sample(gaussian_denoiser, (256, 1, 8, 8), steps=16, corrections=2, tau=0.3, generator=g)
+    assert abs(float(x.std()) - 1) < 0.08 and abs(float(x.mean())) < 0.05
+    shape = (1, 8, 8)
+    sensors = np.array([[0, 1, 1], [0, 4, 6], [0, 7, 2]])
+    y, s_y = torch.tensor([2.0, -1.0, 0.5]), 0.5
+    x = condition(gaussian_denoiser, Observation(shape, sensors=sensors), y, s_y, 256, steps=16, gamma=0.1,
+                  corrections=1, tau=0.1, generator=torch.Generator().manual_seed(6))
+    obs = x[:, 0, sensors[:, 1], sensors[:, 2]]
+    np.testing.assert_allclose(obs.mean(0).numpy(), (y / (1 + s_y**2)).numpy(), rtol=0.2)
+    np.testing.assert_allclose(obs.std(0).numpy(), math.sqrt(s_y**2 / (1 + s_y**2)), rtol=0.5)
+    free = x[:, 0, 3, 3]
+    assert abs(float(free.mean())) < 0.15 and abs(float(free.std()) - 1) < 0.12
+
+
 def _untrained_model(c: int = 1, r: int = 16) -> DiffusionModel:
     config = DiffusionConfig(resolution=r, channels=c, base=8, mults=[1, 2])
     torch.manual_seed(0)
@@ -166,6 +186,8 @@ def test_condition_validates_its_input():
         (dict(coarse=np.zeros((4, 4)), noise=0), "noise"),
         (dict(coarse=np.zeros((4, 4)), n=0), "n must"),
         (dict(coarse=np.zeros((4, 4)), method="x"), "method"),
+        (dict(coarse=np.zeros((4, 4)), corrections=-1), "corrections must"),
+        (dict(coarse=np.zeros((4, 4)), tau=0), "tau"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(DataError, match=msg):

@@ -35,6 +35,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="likelihood-score approximation: gaussian (score-based data assimilation) or dps")
     c.add_argument("--gamma", type=float, help="gaussian: variance term gamma (default 0.16)")
     c.add_argument("--zeta", type=float, help="dps: step size zeta (default 0.5)")
+    c.add_argument("--corrections", type=int, help="gaussian: Langevin corrector steps after each step (default 0)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--truth", help="the true field (.npy), for the figure and the RMSE")
     c.add_argument("--samples", action="store_true", help="also write samples.npy")
@@ -122,7 +123,7 @@ def run(args) -> int:
     coarse = read_array(args.coarse, "coarse") if args.coarse else None
     sensors = read_array(args.sensors, "sensors") if args.sensors else None
     truth = read_array(args.truth, "truth") if args.truth else None
-    kwargs = {k: getattr(args, k) for k in ("gamma", "zeta") if getattr(args, k) is not None}
+    kwargs = {k: getattr(args, k) for k in ("gamma", "zeta", "corrections") if getattr(args, k) is not None}
     out = model.condition(coarse=coarse, factor=args.factor, sensors=sensors, noise=args.noise, n=args.n,
                           steps=args.steps, seed=args.seed, return_samples=args.samples, method=args.method, **kwargs)
     folder = Path(args.out)
