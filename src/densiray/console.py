@@ -102,6 +102,17 @@ def logs_to(log_file: str | os.PathLike | None, verbose: bool = False):
         handler.close()
 
 
+@contextlib.contextmanager
+def stdout_to(log_file: str | os.PathLike | None):
+    """Within the block, what is printed to stdout (e.g. Ray's driver thread relaying a cluster error such
+    as "ServeController.graceful_shutdown failed" while Serve shuts down) is appended to ``log_file``."""
+    if log_file is None:
+        yield
+        return
+    with open(log_file, "a") as f, contextlib.redirect_stdout(f):
+        yield
+
+
 def quiet_env(verbose: bool) -> None:
     """Before Ray starts: keep Ray's start-up banner and worker INFO lines off the console."""
     if verbose:
