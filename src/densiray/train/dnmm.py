@@ -217,7 +217,7 @@ class DNMMTask(Task):
         val, _, _ = mean_se(self.val_x)
         train, _, _ = mean_se(self.train_x)
         integral, integral_se = model.integral(n=131072, seed=1)
-        _, efficiency = model.sample(2048, seed=0)  # accepted / proposed of the exact rejection sampler
+        _, efficiency = model.sample(512, seed=0)  # accepted / proposed of the exact rejection sampler
         out = {"test_log_lik": test, "test_log_lik_se": test_se, "val_log_lik": val, "train_log_lik": train,
                "log_lik_units": "nats per sample of standardised rows",
                "data_log_abs_det": self.transform.log_abs_det(),
