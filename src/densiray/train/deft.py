@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +30,7 @@ from densiray.models.deft import (
     trim,
 )
 from densiray.store import Store, StoredModel
-from densiray.train.task import StepContext, Task
+from densiray.train.task import StepContext, Task, rank_batches
 from densiray.train.task import fmt as _fmt
 
 EVAL_BATCH = 64
@@ -99,12 +98,7 @@ class DEFTTask(Task):
         return model
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[dict]:
-        n = len(self.train_data["labels"])
-        perm = np.random.default_rng([epoch, 11]).permutation(n)
-        per_rank = max(1, n // world)
-        mine = torch.from_numpy(perm[rank * per_rank:(rank + 1) * per_rank] if n >= world else perm[:1])
-        for i in range(max(1, math.ceil(per_rank / batch_size))):
-            idx = mine[i * batch_size:(i + 1) * batch_size]
+        for idx in rank_batches(len(self.train_data["labels"]), epoch, 11, rank, world, batch_size):
             yield trim({k: v[idx] for k, v in self.train_data.items()})
 
     def loss(self, engine, batch: dict, ctx: StepContext):

@@ -52,7 +52,7 @@ from densiray.models.sortednet import (
     spec_name,
 )
 from densiray.store import Store, StoredModel
-from densiray.train.task import StepContext, Task
+from densiray.train.task import StepContext, Task, rank_batches
 from densiray.train.task import fmt as _fmt
 
 EVAL_BATCH = 64
@@ -336,12 +336,7 @@ class SortedNetTask(Task):
     # -- engine side ----------------------------------------------------------------------------------
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[dict]:
-        n = len(self.train_data["labels"])
-        perm = np.random.default_rng([epoch, 17]).permutation(n)
-        per_rank = max(1, n // world)
-        mine = torch.from_numpy(perm[rank * per_rank:(rank + 1) * per_rank] if n >= world else perm[:1])
-        for i in range(max(1, math.ceil(per_rank / batch_size))):
-            idx = mine[i * batch_size:(i + 1) * batch_size]
+        for idx in rank_batches(len(self.train_data["labels"]), epoch, 17, rank, world, batch_size):
             yield self._trim({k: v[idx] for k, v in self.train_data.items()})
 
     def _trim(self, batch: dict) -> dict:

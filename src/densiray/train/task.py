@@ -111,6 +111,20 @@ def better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def rank_batches(n: int, epoch: int, salt: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """Row indices of this rank's batches for one epoch: a permutation seeded by (epoch, salt), split into
+    ``world`` equal shards (every rank takes the same number of steps), then into batches."""
+    import math
+
+    import numpy as np
+
+    perm = np.random.default_rng([epoch, salt]).permutation(n)
+    per_rank = max(1, n // world)
+    mine = torch.from_numpy(perm[rank * per_rank:(rank + 1) * per_rank] if n >= world else perm[:1])
+    for i in range(max(1, math.ceil(per_rank / batch_size))):
+        yield mine[i * batch_size:(i + 1) * batch_size]
+
+
 def fmt(v, digits: int = 4) -> str:
     """A metric for a summary line: ``-`` for None, floats to ``digits`` places."""
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
