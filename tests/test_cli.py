@@ -177,3 +177,28 @@ def test_corrupt_model_is_refused_on_load(tmp_path):
     w.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="sha256"):
         densiray.load_model("m", store=s.uri)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
+    """`ray job stop`, `docker stop` and systemd send SIGTERM: a command stops at once (exit 143) and can
+    resume, instead of Ray's native handler printing a stack trace while the driver trains on."""
+    from densiray import console
+
+    def train_forever(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(console, "_sigterm_stops", False)
+    try:
+        import densiray.cli as cli
+
+        monkeypatch.setattr(cli, "_models", train_forever)  # any command: the handler is main()'s
+        t0 = time.monotonic()
+        assert main(["models", "--store", "/nonexistent"]) == 143
+        assert time.monotonic() - t0 < 10
+        assert "stopped (SIGTERM); run the same command again to resume" in capsys.readouterr().err
+        assert console._sigterm_stops  # so that ensure_ray installs it again after ray.init replaced it
+    finally:
+        signal.signal(signal.SIGTERM, previous)

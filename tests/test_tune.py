@@ -110,3 +110,17 @@ def test_bad_search_space_or_budget_gives_one_line(tmp_path, capsys, monkeypatch
     assert rc == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("densiray: error:") and message in lines[0], lines
+
+
+def test_a_family_tunes_with_its_own_sweep_defaults_unless_the_user_sets_them(store):
+    from densiray import families
+    from densiray.api import RunSpec
+    from densiray.tune.sweep import SweepSettings, _plan
+
+    assert families.get("dnmm").tune_defaults == {"grace_period": 30}  # ASHA's first rung (notes/dnmm.md)
+    spec = RunSpec(dataset="moons", **DATA)
+    assert _plan("dnmm", spec, {"trials": 2}, SPACE, "p", store).settings.grace_period == 30
+    assert _plan("dnmm", spec, {"trials": 2, "grace_period": 5}, SPACE, "p", store).settings.grace_period == 5
+    spec.tune = {"grace_period": 7}  # a config file's tune section beats the family too
+    assert _plan("dnmm", spec, {"trials": 2}, SPACE, "p", store).settings.grace_period == 7
+    assert SweepSettings().grace_period == 10  # families without their own keep the generic default

@@ -118,6 +118,8 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthNotice())
         # The dashboard (on 127.0.0.1) serves the state API that Ray Train's cleanup thread polls.
         ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
+    if console._sigterm_stops:  # the command line's SIGTERM handler, which ray.init replaced
+        console.stop_on_sigterm()
 
 
 def _check_resources(tc) -> None:

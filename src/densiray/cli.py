@@ -7,7 +7,7 @@ import contextlib
 import json
 import sys
 
-from densiray import __version__
+from densiray import __version__, console
 from densiray.errors import DensirayError
 
 
@@ -141,25 +141,6 @@ def _serve_example(url: str, store: str | None) -> str:
     return f"curl -s -X POST {url}/v1/models/{name}/log_prob -H 'Content-Type: application/json' -d '{body}'"
 
 
-class _Stop(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that it stops the server as Ctrl-C does."""
-
-
-def _stop_on_sigterm() -> None:
-    """Make SIGTERM (container runtimes, systemd, ``kill``) stop ``densiray serve`` as Ctrl-C does.
-
-    Ray's core worker installs a native handler that prints a stack trace and dies on SIGTERM; a
-    Python handler installed after Ray started replaces it.
-    """
-    import signal
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
-        raise _Stop()
-
-    signal.signal(signal.SIGTERM, stop)
-
-
 def _serve(args) -> int:
     """Start the Serve app, print its URL and a curl example, block until Ctrl-C or SIGTERM, then stop:
     Serve drains the requests in flight (its graceful replica shutdown), then Serve and Ray shut down."""
@@ -169,11 +150,10 @@ def _serve(args) -> int:
     from densiray.store import Store
 
     store = Store(args.store)
-    _stop_on_sigterm()  # during start-up too
     try:
         url = ds.start(store=args.store, host=args.host, port=args.port, replicas=args.replicas,
                        batching=args.batching or None, ingress=args.ingress)
-        _stop_on_sigterm()  # again: starting Ray installed its own handler
+        console.stop_on_sigterm()  # again: Serve's start may have started Ray without ensure_ray
         print(f"densiray: serving the models in {store.uri} at {url}  (API docs: {url}/docs)")
         if not store.list():
             print("densiray: the store is empty; train a model (densiray train ...) and it is served by name")
@@ -182,10 +162,10 @@ def _serve(args) -> int:
         print("press Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         import ray
 
-        print(f"densiray: {'SIGTERM received, ' if isinstance(e, _Stop) else ''}stopping Serve", flush=True)
+        print(f"densiray: {'SIGTERM received, ' if console.terminated else ''}stopping Serve", flush=True)
         if ray.is_initialized():
             ds.shutdown()
             ray.shutdown()  # a local Ray started here stops; a cluster's (RAY_ADDRESS) is only disconnected
@@ -344,14 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         print(f"densiray: error: {_unknown(args, extra)} (see 'densiray {args.command} --help')", file=sys.stderr)
         return 2
+    console.stop_on_sigterm()  # SIGTERM (`ray job stop`, docker stop, systemd) stops a command as Ctrl-C does
     try:
         return args.func(args)
     except DensirayError as e:
         print(f"densiray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("densiray: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
+        what = "stopped (SIGTERM)" if console.terminated else "interrupted"
+        print(f"densiray: {what}; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 143 if console.terminated else 130
+    finally:  # from here on (Ray's shutdown at exit) a SIGTERM simply ends the process, without a traceback
+        console.default_sigterm()
 
 
 if __name__ == "__main__":

@@ -131,6 +131,11 @@ class LocalCluster:
         env.pop("RAY_ADDRESS", None)  # a node must not join whatever cluster the caller points at
         if env.get("PYTHONPATH"):  # the nodes' workers run elsewhere: relative entries would break
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+        # a job's entrypoint `python ...` must be this environment's Python (the one the nodes run), not
+        # whatever `python` comes first on the caller's PATH (a venv used without `activate`)
+        bindir = os.path.dirname(sys.executable)
+        if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+            env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")]).rstrip(os.pathsep)
         env.setdefault("RAY_TRAIN_V2_ENABLED", "1")
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env.setdefault("RAY_AUTH_MODE", "token")  # Ray's token auth (~/.ray/auth_token), created if missing

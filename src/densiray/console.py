@@ -16,6 +16,48 @@ import sys
 import time
 from pathlib import Path
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a command stops as it does on Ctrl-C."""
+
+
+_sigterm_stops = False
+terminated = False  # a SIGTERM arrived (Ray turns the exception raised inside ray.get into a KeyboardInterrupt)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``ray job stop``, container runtimes, systemd, ``kill``) stop this process as Ctrl-C
+    does: :class:`Terminated` is raised in the main thread, so a run stops at once and can resume.
+
+    ``ray.init`` installs a native handler that prints a stack trace and lets a driver go on training;
+    :func:`densiray.api.ensure_ray` calls this again after Ray starts once the command line asked for it.
+    """
+    import signal
+    import threading
+
+    global _sigterm_stops
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_stops = True
+
+    def stop(signum, frame):
+        global terminated
+        terminated = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def default_sigterm() -> None:
+    """SIGTERM ends the process again (the default), e.g. once a command has finished."""
+    import signal
+    import threading
+
+    if _sigterm_stops and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 # Loggers whose lines belong in the log file, not on the console.
 NOISY = ("ray", "ray.tune", "ray.train", "ray.serve", "ray.data", "deepspeed", "DeepSpeed", "filelock", "torch",
          "transformers", "peft", "optuna")

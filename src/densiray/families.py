@@ -50,6 +50,8 @@ class Family:
       ``densiray models``.
     * ``train_defaults``: engine settings (:class:`~densiray.train.engine.TrainConfig` fields) this family
       trains with unless the user sets them (e.g. a small learning rate and batch for fine-tuning).
+    * ``tune_defaults``: sweep settings (:class:`~densiray.tune.sweep.SweepSettings` fields) this family is
+      tuned with unless the user sets them (e.g. ASHA's first rung for models that start slowly).
     * ``flags``: command-line flags of ``densiray train <kind>``, model-config key -> argparse keyword
       arguments (the flag is ``--key-with-dashes``); ``datasets``: a one-line help for ``--dataset``.
     """
@@ -64,6 +66,7 @@ class Family:
     summary: Ref = None
     columns: Ref = None
     train_defaults: dict = field(default_factory=dict)
+    tune_defaults: dict = field(default_factory=dict)
     flags: dict[str, dict] = field(default_factory=dict)
     datasets: str = "a bundled dataset name or a file path"
 
@@ -139,6 +142,9 @@ register(Family(
     columns="densiray.train.dnmm:list_columns",
     # a cosine decay settles the component networks (a constant lr ends oscillating by ~0.01 nats per epoch)
     train_defaults={"schedule": "cosine", "epochs": 100},
+    # ASHA's first rung at 30 epochs, not 10: 4-component models start far below 8-component ones (their
+    # base GMM is coarser) and overtake them only after ~30-50 epochs (notes/dnmm.md)
+    tune_defaults={"grace_period": 30},
     datasets="a bundled dataset (moons, rings, checkerboard, iris, wine, breast_cancer, diabetes, digits) "
              "or a .csv/.tsv/.parquet/.npy path",
 ))

@@ -59,11 +59,8 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
 
     started_ray = started_ray and not ray.is_initialized()
     t0 = time.perf_counter()
-    # ASHA's first rung at 30 epochs, not 10: 4-component models start far below 8-component ones (their
-    # base GMM is coarser) and overtake them only after ~30-50 epochs (notes/dnmm.md)
     summary = tune("dnmm", dataset, overrides={"n": n}, settings={"trials": trials, "epochs": epochs,
-                                                                   "time_budget_s": time_budget_s,
-                                                                   "grace_period": min(30, epochs)},
+                                                                   "time_budget_s": time_budget_s},
                    name=name, store=store, restart=True)
     task = api.build_task("dnmm", api.RunSpec(dataset=dataset, n=n, model={"components": 1, "covariance": "full"}))
     tr, va, te = (a.astype(np.float64) for a in (task.train_x, task.val_x, task.test_x))

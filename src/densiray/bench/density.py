@@ -95,9 +95,10 @@ def fit_baseline_flow(kind: str, train: np.ndarray, val: np.ndarray, test: np.nd
 def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int = 150, time_budget_s: float | None = 600,
         store: str | None = None, baselines: bool = True, seed: int = 0) -> dict:
     """Run the benchmark; writes ``density.json``, ``density.md`` and plots into ``out``."""
+    from densiray import families
     from densiray.api import RunSpec, build_task
     from densiray.store import load_model
-    from densiray.tune.sweep import tune
+    from densiray.tune.sweep import SweepSettings, tune
 
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
                "command": " ".join(["densiray", *sys.argv[1:]] if sys.argv[1:3] == ["bench", "density"]
                                    else [".venv/bin/python", *sys.argv]),
                "budget": {"trials": trials, "epochs_per_trial": epochs, "time_budget_s": time_budget_s,
-                          "asha_grace_period": min(30, epochs),
+                          "asha_grace_period": min(SweepSettings(**families.get("dnmm").tune_defaults).grace_period, epochs),
                           "trial": "1 CPU, one in-process rank; 2 trials at a time on this 2-core machine"},
                "load_average_at_start": round(os.getloadavg()[0], 1),
                "units": "mean test log-likelihood, nats per sample of standardised rows (± standard error)",
@@ -129,10 +130,8 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
             per_row[est] = lp
             row["estimators"][est] = {**_summary(lp), "fit_time_s": round(time.perf_counter() - t0, 2), **info}
             print(f"[{name}] {est}: {row['estimators'][est]['test_log_lik']:.3f}", flush=True)
-        # ASHA's first rung at 30 epochs (as the quickstart): 4-component models start below 8-component
-        # ones and overtake them later (notes/dnmm.md)
         s = tune("dnmm", name, settings={"trials": trials, "epochs": epochs, "time_budget_s": time_budget_s,
-                                         "seed": seed, "grace_period": min(30, epochs)},
+                                         "seed": seed},
                  name=f"bench-{name}", store=store, restart=True)
         model = load_model(s["name"], store=store)
         lp = model.log_prob_standardized(task.test_x)

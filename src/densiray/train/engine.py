@@ -442,7 +442,12 @@ def train_loop_per_worker(config: dict) -> None:
             train_metrics = _run_epoch(run, state)
             metrics = _validate(run, state, train_metrics, time.perf_counter() - t0)
             if queue is not None:  # the driver's live view (fit(progress=callable))
-                queue.put_nowait({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                try:
+                    queue.put_nowait({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                except Exception as e:  # the view is gone (its node or the driver died): train on without it
+                    logging.getLogger("densiray").warning("progress view lost (%s); training goes on",
+                                                          str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    queue = None
             if bar is not None:
                 best = "-" if state.best is None else f"{state.best:.4f}"
                 bar.set_description(f"epochs ({run.task.metric} {metrics[run.task.metric]:.4f}, best {best})")
@@ -923,9 +928,14 @@ class _ProgressWatcher:
     def __init__(self, callback):
         import threading
 
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.callback, self.queue, self._stop = callback, Queue(actor_options={"num_cpus": 0}), threading.Event()
+        # on the driver's node: a worker node lost mid-run must not take the queue (and the run) with it
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        self.callback, self._stop = callback, threading.Event()
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
 
@@ -941,9 +951,10 @@ class _ProgressWatcher:
             except Exception:  # a drawing problem must never stop training
                 logging.getLogger("densiray").debug("progress callback failed", exc_info=True)
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop draining; ``wait`` for the last epoch's line (not when interrupted: stop at once)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=5 if wait else 0)
         with contextlib.suppress(Exception):
             self.queue.shutdown()
 
@@ -992,9 +1003,12 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
     )
     try:
         result = trainer.fit()
-    finally:
+    except BaseException:  # Ctrl-C, SIGTERM (`ray job stop`): stop now, the checkpoints are safe
         if watcher is not None:
-            watcher.stop()
+            watcher.stop(wait=False)
+        raise
+    if watcher is not None:
+        watcher.stop()
     checkpoint = result.checkpoint
     if checkpoint is None and local_dir:  # in-process runs keep their newest checkpoint in local_dir
         newest = sorted(Path(local_dir).glob("densiray-ckpt-*"), key=lambda p: p.stat().st_mtime)

@@ -128,7 +128,7 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
 
     family = families.get(kind)
     try:
-        st = SweepSettings(**{**spec.tune, **{k: v for k, v in (settings or {}).items() if v is not None}})
+        st = SweepSettings(**{**family.tune_defaults, **spec.tune, **{k: v for k, v in (settings or {}).items() if v is not None}})
     except ValidationError as e:
         raise ConfigError(api.validation_message(e, "tune")) from e
     name = check_name(name or f"{kind}-{Path(spec.dataset or '').stem}-tuned")
