@@ -14,6 +14,7 @@ over HTTP and through subprocesses. Slow by nature (a cluster start is ~1 min on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -240,3 +241,112 @@ def test_a_lost_worker_node_is_survived(cluster, config_file, tmp_path):
     assert any(h.get("resumed_from_epoch", 0) > 0 for h in history), history
     leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert not leftovers
+
+
+def _replica_nodes(cluster) -> list[str]:
+    """Node ids of the densiray Serve replicas alive now (state API over HTTP)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.dashboard, timeout=20, raise_on_missing_output=False,
+                         filters=[("state", "=", "ALIVE")])
+    return sorted(a.node_id for a in actors if "DensityService" in (a.class_name or ""))
+
+
+def _hammer(url: str, seconds: float) -> list:
+    """POST log_prob requests one after another for ``seconds``: each response's status (or the error)."""
+    import requests
+
+    out, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            out.append(requests.post(f"{url}/v1/models/m/log_prob", json={"x": [[0.0, 0.5]]}, timeout=10).status_code)
+        except requests.RequestException as e:
+            out.append(type(e).__name__)
+    return out
+
+
+def test_serve_on_two_nodes_keeps_answering_when_one_is_lost(cluster, config_file, tmp_path, ray_cluster):
+    """`densiray serve` submitted as a job, two replicas spread over the two worker nodes; node_b dies:
+    node_a's replica answers, and once node_b is back both replicas serve again with no 5xx; the job
+    stops cleanly (SIGTERM)."""
+    import requests
+
+    from densiray import api
+    from densiray.serve.runner import _free_port
+
+    store = str(tmp_path / "models")
+    api.train("dnmm", "moons", config=config_file, overrides={"train": {"workers": 0, "epochs": 2}}, name="m",
+              store=store, plot=False)
+    port = _free_port("127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    sid = f"serve-{int(time.time() * 1000)}"
+    proc = ray_job(cluster, "submit", "--no-wait", "--submission-id", sid, "--working-dir", ".", "--",
+                   "python", "jobs/serve.py", "--store", store, "--port", str(port), "--replicas", "2",
+                   "--max-replicas-per-node", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = cluster.node_ids()
+    deadline = time.monotonic() + 420
+    while True:
+        assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200 and len(_replica_nodes(cluster)) == 2:
+                break
+        assert time.monotonic() < deadline, "Serve not up after 420 s:\n" + logs(cluster, sid)
+        time.sleep(1)
+    assert set(_replica_nodes(cluster)) == {ids["node_a"], ids["node_b"]}  # spread: one replica per node
+    assert set(_hammer(url, 3)) == {200}
+
+    cluster.kill_node("node_b")
+    during = _hammer(url, 20)
+    failed = [c for c in during if c != 200]
+    assert during.count(200) >= 0.9 * len(during), failed  # the other replica keeps answering
+    assert set(during[-len(during) // 4:]) == {200}, during[-20:]  # and once Serve noticed, only it answers
+
+    cluster.restart_node("node_b")
+    deadline = time.monotonic() + 300
+    while len(_replica_nodes(cluster)) < 2:  # Serve's controller replaces the lost replica on node_b
+        assert time.monotonic() < deadline, "no second replica 300 s after node_b came back"
+        time.sleep(1)
+    after = _hammer(url, 5)
+    assert set(after) == {200}, after
+
+    from ray.job_submission import JobSubmissionClient
+
+    assert JobSubmissionClient(cluster.dashboard).stop_job(sid)
+    assert wait_status(cluster, sid, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
+    assert "stopping Serve" in logs(cluster, sid)
+
+
+def test_a_sweep_survives_a_lost_node(cluster, config_file, tmp_path):
+    """`densiray tune` submitted as a job, two trials at a time (one per worker node); node_b dies mid-sweep:
+    its trial is retried from its checkpoint and the sweep completes with every trial and no error."""
+    store = str(tmp_path / "models")
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {loguniform: [0.003, 0.02]}\n")
+    sid = f"tune-{int(time.time() * 1000)}"
+    proc = ray_job(cluster, "submit", "--no-wait", "--submission-id", sid, "--working-dir", ".", "--",
+                   "python", "jobs/tune.py", "dnmm", "--dataset", "moons", "--config", config_file, "--space",
+                   str(space), "--trials", "4", "--epochs", "40", "--max-concurrent-trials", "2", "--name", "swept",
+                   "--store", store, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exp = Path(store, ".runs", "tune-swept")
+
+    def reported() -> int:  # epochs reported by the trials so far
+        return sum(len(p.read_text().splitlines()) for p in exp.glob("_trial_*/result.json"))
+
+    deadline = time.monotonic() + 420
+    while reported() < 6:
+        assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
+        assert time.monotonic() < deadline, "no trial progress after 420 s:\n" + logs(cluster, sid)
+        time.sleep(0.5)
+    cluster.kill_node("node_b")
+    time.sleep(10)
+    assert job_status(cluster, sid) == "RUNNING", logs(cluster, sid)
+    cluster.restart_node("node_b")
+    assert wait_status(cluster, sid, {"SUCCEEDED", "FAILED", "STOPPED"}, 900) == "SUCCEEDED", logs(cluster, sid)
+    summary = summary_from(logs(cluster, sid))
+    assert summary["trials"] == 4 and summary["errored"] == 0, summary
+    from densiray.store import Store
+
+    trials = Store(store).read("swept").manifest["provenance"]["trials"]  # hashes verified
+    assert len(trials) == 4

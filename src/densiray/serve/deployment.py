@@ -85,6 +85,7 @@ def build_app(args: dict | None = None) -> Application:
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": settings.replica_cpus},
         max_ongoing_requests=settings.max_ongoing_requests,
+        max_replicas_per_node=settings.max_replicas_per_node,
         logging_config={"enable_access_log": settings.access_log},
     )
     return deployment.bind(settings.model_dump())

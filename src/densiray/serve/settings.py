@@ -16,6 +16,8 @@ class ServeSettings(BaseModel):
     # Replicas: fractional CPUs so serving fits beside other work on a small machine.
     replicas: int = Field(1, ge=1, le=64, description="replicas of the deployment")
     replica_cpus: float = Field(0.5, gt=0, le=64, description="Ray CPUs reserved per replica")
+    max_replicas_per_node: int | None = Field(None, ge=1, le=64, description="spread the replicas: at most this "
+                                              "many on one node (1: a lost node takes one replica with it)")
     max_ongoing_requests: int = Field(64, ge=1, le=10_000, description="requests a replica takes at once")
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica")
     max_models_per_replica: int = Field(4, ge=1, le=1024, description="models kept loaded per replica (LRU)")
