@@ -14,9 +14,9 @@ Configurations (Serve settings as `densiray serve` takes them):
 
 * a local Ray started in Serve's throughput-optimized mode with **direct ingress** (the replica
   serves HTTP itself; `densiray serve`'s default when it starts its own Ray with one replica):
-  batching off (the default) and on;
+  batching on (the default) and off;
 * a local Ray in Serve's default mode, requests through **Serve's HTTP proxy** (what a cluster or
-  several replicas get): 1 replica with batching (the old default) and without, 2 replicas.
+  several replicas get): 1 replica with batching (the old default) and without, 2 replicas without.
 
 Also recorded: the CPU each process role spends per request (from /proc, Linux) and the machine's
 load average during each load. Writes ``serve.json`` (``ratio_to_plain`` keyed by rows per request,
@@ -196,14 +196,14 @@ class Plain:
 
 ROWS = (64, 256, 1024)
 REQUESTS = {64: 1500, 256: 600, 1024: 150}  # per load: a few seconds each on 2 cores
-DEFAULT = "direct ingress, no batching (default)"
+DEFAULT = "direct ingress, batching (default)"
 # name -> (ingress, Serve settings, rows per request measured)
 CONFIGS = {
     DEFAULT: ("direct", {}, ROWS),
-    "direct ingress, batching": ("direct", {"batching": True}, (64, 256)),
+    "direct ingress, no batching": ("direct", {"batching": False}, ROWS),
     "proxy, 1 replica, batching (old default)": ("proxy", {"batching": True}, ROWS),
-    "proxy, 1 replica, no batching": ("proxy", {}, (64,)),
-    "proxy, 2 replicas, no batching": ("proxy", {"replicas": 2}, (64,)),
+    "proxy, 1 replica, no batching": ("proxy", {"batching": False}, (64,)),
+    "proxy, 2 replicas, no batching": ("proxy", {"replicas": 2, "batching": False}, (64,)),
 }
 METRICS = ("rps", "rows_per_s", "p50_ms", "p99_ms", "non_2xx", "5xx", "errors", "loadavg_1min")
 
@@ -236,10 +236,11 @@ def export_model(store: str, n: int) -> tuple[str, str]:
 
 def measure_config(name: str, serve_url: str, plain: Plain, model: str, rows_list, args) -> dict:
     """Paired loads (this Serve configuration, then the plain app) per rows per request:
-    ``--repeats`` pairs for the default configuration, one for the others."""
+    ``--repeats`` pairs for the direct-ingress configurations (the candidates for the default), one for the
+    others."""
     out = {}
     path = f"/v1/models/{model}/log_prob"
-    repeats = args.repeats if name == DEFAULT else 1
+    repeats = args.repeats if CONFIGS[name][0] == "direct" else 1
     for rows in rows_list:
         body = body_of(rows)
         runs: dict[str, list[dict]] = {"serve": [], "plain": []}
@@ -333,9 +334,9 @@ def verdict(result: dict) -> list[str]:
     targets = [("64", 0.8), ("256", 1.0), ("1024", 1.0)]
     met = {rows: ratios[rows] >= goal for rows, goal in targets}
     lines = [f"Targets (`densiray serve` defaults against the plain app): throughput >= 0.8x at 64 rows "
-             f"({'met' if met['64'] else 'not met'}: {ratios['64']:.2f}x), >= 1.0x at 256 rows "
-             f"({'met' if met['256'] else 'not met'}: {ratios['256']:.2f}x) and 1024 rows "
-             f"({'met' if met['1024'] else 'not met'}: {ratios['1024']:.2f}x); p99 <= 2x the plain app's "
+             f"({'met' if met['64'] else 'not met'}: {ratios['64']:.3f}x), >= 1.0x at 256 rows "
+             f"({'met' if met['256'] else 'not met'}: {ratios['256']:.3f}x) and 1024 rows "
+             f"({'met' if met['1024'] else 'not met'}: {ratios['1024']:.3f}x); p99 <= 2x the plain app's "
              f"({', '.join(f'{r} rows {v:.2f}x' for r, v in p99.items())}: "
              f"{'met' if all(v <= 2 for v in p99.values()) else 'not met'}); zero 5xx ({five} in {len(every)} loads; "
              f"{bad} responses not 2xx or failed).", ""]
@@ -360,7 +361,7 @@ def write_report(out: Path, result: dict) -> None:
         f"{m['machine']}; Ray {m['ray']}. **The machine is shared**: the 1-minute load average was {m['loadavg_start']} "
         f"when the run started and {m['loadavg_end']} when it ended (other work on the same 2 cores), so absolute "
         f"numbers move with it; every Serve load is paired with a plain-app load right after it, and the ratios are "
-        f"of those pairs' medians ({m['repeats']} pairs per cell for the default, 1 for the others). {m['clients']} concurrent keep-alive clients "
+        f"of those pairs' medians ({m['repeats']} pairs per cell for the direct-ingress configurations, the candidates for the default, 1 for the others). {m['clients']} concurrent keep-alive clients "
         f"(aiohttp, one process, on the same cores) over loopback, `log_prob` requests, each load bounded by "
         f"{m['requests']} requests or {m['max_seconds']:g} s. Model: {m['model']}. The plain app is the same FastAPI "
         f"app and validation in one uvicorn process without Ray, at Ray's worker niceness ({m['niceness']}). Serve "
@@ -387,7 +388,7 @@ def write_report(out: Path, result: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    p.add_argument("--repeats", type=int, default=3, help="paired loads per rows for the default configuration")
+    p.add_argument("--repeats", type=int, default=3, help="paired loads per rows for the direct-ingress configurations")
     p.add_argument("--max-seconds", type=float, default=8.0, help="cap on one measured load")
     p.add_argument("--data-n", type=int, default=4000, help="rows of the moons data the model is fitted to")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))

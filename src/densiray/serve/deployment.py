@@ -6,7 +6,7 @@
 * Models load from the store by name through ``serve.multiplexed``: an LRU of
   ``max_models_per_replica`` per replica, keyed ``name@version`` so that a model exported again is
   loaded afresh (within ``model_refresh_s``); a model that fails to load is not cached.
-* With ``batching`` on (off by default), ``log_prob`` and ``score`` requests, validated one by one
+* With ``batching`` on (the default), ``log_prob`` and ``score`` requests, validated one by one
   first, go through ``serve.batch``:
   up to ``max_batch_size`` requests queued together are computed together, per model (a batch may
   mix models), in calls of at most ``max_rows_per_call`` rows. Batching fills those calls; a request
