@@ -151,10 +151,8 @@ def _serve(args) -> int:
 
     store = Store(args.store)
     try:
-        extra = {} if args.max_replicas_per_node is None else {"max_replicas_per_node": args.max_replicas_per_node}
         url = ds.start(store=args.store, host=args.host, port=args.port, replicas=args.replicas,
-                       batching=args.batching, ingress=args.ingress, **extra)
-        console.stop_on_sigterm()  # again: Serve's start may have started Ray without ensure_ray
+                       batching=args.batching, ingress=args.ingress, max_replicas_per_node=args.max_replicas_per_node)
         print(f"densiray: serving the models in {store.uri} at {url}  (API docs: {url}/docs)")
         if not store.list():
             print("densiray: the store is empty; train a model (densiray train ...) and it is served by name")
