@@ -7,14 +7,7 @@ Under `ray job submit` RAY_ADDRESS is set, so Serve runs on that cluster (its pr
 the replicas wherever they fit); `ray job stop` stops it as Ctrl-C does (in-flight requests answered).
 """
 
-import sys
-from pathlib import Path
-
-src = Path(__file__).resolve().parent.parent / "src"
-if src.is_dir():
-    sys.path.insert(0, str(src))
-
-from densiray.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    run("serve")

@@ -5,17 +5,10 @@
 
 Under `ray job submit` RAY_ADDRESS is set, so the run uses that cluster; run directly, it starts a
 local Ray. The nodes need densiray installed (cluster.yaml's setup_commands do it); running from a
-source checkout, src/ is put on the path for the driver.
+source checkout, src/ is put on the path for the driver (jobs/_entry.py).
 """
 
-import sys
-from pathlib import Path
-
-src = Path(__file__).resolve().parent.parent / "src"
-if src.is_dir():
-    sys.path.insert(0, str(src))
-
-from densiray.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run("train")

@@ -7,14 +7,7 @@ Under `ray job submit` RAY_ADDRESS is set, so the trials run on that cluster; a 
 lost is retried (Tune's FailureConfig), and submitting the same sweep again resumes it.
 """
 
-import sys
-from pathlib import Path
-
-src = Path(__file__).resolve().parent.parent / "src"
-if src.is_dir():
-    sys.path.insert(0, str(src))
-
-from densiray.cli import main  # noqa: E402
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    run("tune")

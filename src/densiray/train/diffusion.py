@@ -30,7 +30,7 @@ from densiray.models.diffusion import (
     edm_loss,
 )
 from densiray.store import Store, StoredModel
-from densiray.train.task import StepContext, Task
+from densiray.train.task import StepContext, Task, rank_batches
 from densiray.train.task import fmt as _fmt
 
 DEFAULT_RESOLUTION = 64
@@ -129,13 +129,8 @@ class DiffusionTask(Task):
         return DiffusionModule(self.config)
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
-        n = len(self.train_x)
-        perm = np.random.default_rng([epoch, 7]).permutation(n)
-        per_rank = n // world
-        mine = perm[rank * per_rank:(rank + 1) * per_rank]
-        steps = max(1, math.ceil(per_rank / batch_size))
-        for i in range(steps):
-            yield torch.from_numpy(self.train_x[mine[i * batch_size:(i + 1) * batch_size]])
+        for idx in rank_batches(len(self.train_x), epoch, 7, rank, world, batch_size):
+            yield torch.from_numpy(self.train_x[idx.numpy()])
 
     def loss(self, engine, batch: torch.Tensor, ctx: StepContext):
         module = engine.module

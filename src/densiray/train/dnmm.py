@@ -13,7 +13,7 @@ from densiray.capabilities import OUTLIER_PERCENTILES
 from densiray.data import Standardizer, load_dataset, split
 from densiray.models.dnmm import DNMM, VARIANTS, DNMMConfig, fit_gmm, make_warp, select_base
 from densiray.store import Store, StoredModel
-from densiray.train.task import StepContext, Task
+from densiray.train.task import StepContext, Task, rank_batches
 from densiray.train.task import fmt as _fmt
 
 CALIBRATION_PERCENTILES = OUTLIER_PERCENTILES  # the thresholds Serve's /score offers
@@ -157,14 +157,8 @@ class DNMMTask(Task):
         return module
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
-        n = len(self.train_x)
-        perm = np.random.default_rng([epoch, 7]).permutation(n)
-        per_rank = n // world
-        mine = perm[rank * per_rank:(rank + 1) * per_rank]
-        x = torch.from_numpy(self.train_x[mine])
-        steps = max(1, math.ceil(per_rank / batch_size))
-        for i in range(steps):
-            yield x[i * batch_size:(i + 1) * batch_size]
+        for idx in rank_batches(len(self.train_x), epoch, 7, rank, world, batch_size):
+            yield torch.from_numpy(self.train_x[idx.numpy()])
 
     def loss(self, engine, batch: torch.Tensor, ctx: StepContext):
         # the step's normaliser draws come from ctx.generator: every rank integrates the same points
