@@ -303,3 +303,34 @@ def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
     assert set(raw) <= set(ema) and any(not torch.equal(ema[k], raw[k]) for k in raw)
     if result.state["best_epoch"] == 3:  # the best weights are the EMA's, not the raw ones
         assert all(torch.equal(result.best_weights[k], ema[k]) for k in ema)
+
+
+def test_an_elastic_ddp_run_resumes_at_another_world_size(ray_cluster, store):
+    """Elastic training (``min_workers``): a 2-worker DDP run that dies after epoch 2 resumes from its
+    checkpoint with the one worker the cluster has room for (2 x 1.5 CPUs do not fit 2 CPUs), and
+    finishes; a ZeRO run refuses elastic settings up front."""
+    import copy
+
+    from densiray.train.dnmm import DNMMTask
+
+    class Dies(DNMMTask):
+        def batches(self, epoch, rank, world, batch_size):
+            if epoch == 2:
+                raise RuntimeError("killed")
+            return super().batches(epoch, rank, world, batch_size)
+
+    task = build_task("dnmm", RunSpec(dataset="moons", n=800, model=SMALL))
+    dying = copy.copy(task)
+    dying.__class__ = Dies
+    first = TrainConfig(workers=2, strategy="ddp", epochs=4, patience=0, lr=1e-2, batch_size=128, max_failures=0)
+    with pytest.raises(Exception, match="killed"):
+        fit(dying, first, name="elastic", storage=runs_uri(store))
+    elastic = first.model_copy(update={"min_workers": 1, "cpus_per_worker": 1.5, "strategy": "auto"})
+    result = fit(task, TrainConfig(**elastic.model_dump()), name="elastic", storage=runs_uri(store))
+    history = result.state["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert [h["world"] for h in history] == [2, 2, 1, 1]
+    assert history[-1]["resumed_from_epoch"] == 2 and result.strategy == "ddp"
+    assert result.state["step"] == 16  # 512 training rows, batch 128: 4 steps an epoch at either size
+    with pytest.raises(ValueError, match="elastic training"):
+        TrainConfig(workers=2, min_workers=1, zero_stage=2)

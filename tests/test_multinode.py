@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -89,11 +90,12 @@ def ray_job(cluster, *args: str, timeout: float = 120.0) -> subprocess.Completed
         time.sleep(2)
 
 
-def submit_training(cluster, name: str, store: str, config: str, epochs: int) -> str:
+def submit_training(cluster, name: str, store: str, config: str, epochs: int,
+                    scale: tuple[str, ...] = ("--zero-stage", "3")) -> str:
     sid = f"{name}-{int(time.time() * 1000)}"
     proc = ray_job(cluster, "submit", "--no-wait", "--submission-id", sid, "--working-dir", ".", "--",
                    "python", "jobs/train.py", "dnmm", "--dataset", "moons", "--config", config, "--workers", "2",
-                   "--zero-stage", "3", "--epochs", str(epochs), "--name", name, "--store", store, "--json")
+                   *scale, "--epochs", str(epochs), "--name", name, "--store", store, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sid
 
@@ -246,6 +248,31 @@ def test_a_lost_worker_node_is_survived(cluster, config_file, tmp_path):
     assert any(h.get("resumed_from_epoch", 0) > 0 for h in history), history
     leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
     assert not leftovers
+
+
+def test_an_elastic_run_goes_on_with_one_worker_after_a_lost_node(cluster, config_file, tmp_path):
+    """Elastic training (``--min-workers 1``, DDP): node_b's raylet is killed mid-run and stays down; the run
+    resumes from its last checkpoint with the one worker node_a has room for and finishes there."""
+    store = str(tmp_path / "models")
+    sid = submit_training(cluster, "elastic", store, config_file, epochs=EPOCHS, scale=("--min-workers", "1"))
+    deadline = time.monotonic() + 420
+    while len(checkpoints(store, "elastic")) < 2:
+        assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
+        assert time.monotonic() < deadline, "no checkpoint after 420 s:\n" + logs(cluster, sid)
+        time.sleep(1)
+    try:
+        assert cluster.kill_node("node_b") > 0
+        assert wait_status(cluster, sid, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", logs(cluster, sid)
+    finally:
+        cluster.restart_node("node_b")
+    from densiray.store import Store
+
+    manifest = Store(store).read("elastic").manifest
+    history = manifest["provenance"]["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    assert history[0]["world"] == 2 and history[-1]["world"] == 1, [h["world"] for h in history]
+    assert history[-1]["resumed_from_epoch"] > 0 and manifest["provenance"]["strategy"] == "ddp"
+    assert math.isfinite(manifest["metrics"]["test_log_lik"])
 
 
 def _replica_nodes(cluster) -> list[str]:

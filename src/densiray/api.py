@@ -132,13 +132,14 @@ def _check_resources(tc) -> None:
     if tc.workers == 0:
         return
     have = ray.cluster_resources()
-    need_cpu = tc.workers * tc.cpus_per_worker
+    workers = tc.min_workers or tc.workers  # an elastic run starts with what fits, from min_workers
+    need_cpu = workers * tc.cpus_per_worker
     short = []
     if need_cpu > have.get("CPU", 0) + 1e-9:
-        short.append(f"{need_cpu:g} CPUs ({tc.workers} workers x {tc.cpus_per_worker:g}) but the cluster has "
+        short.append(f"{need_cpu:g} CPUs ({workers} workers x {tc.cpus_per_worker:g}) but the cluster has "
                      f"{have.get('CPU', 0):g}")
-    if tc.use_gpu and tc.workers > have.get("GPU", 0):
-        short.append(f"{tc.workers} GPUs but the cluster has {have.get('GPU', 0):g}")
+    if tc.use_gpu and workers > have.get("GPU", 0):
+        short.append(f"{workers} GPUs but the cluster has {have.get('GPU', 0):g}")
     if not short:
         return
     msg = f"the run needs {'; '.join(short)}"

@@ -48,7 +48,7 @@ def _train(args) -> int:
     import densiray.api as api
 
     overrides = {"model": _family_overrides(args),
-                 "train": {"workers": args.workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
+                 "train": {"workers": args.workers, "min_workers": args.min_workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
                            "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
     # With --json, stdout carries the JSON alone: progress and worker logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -203,6 +203,8 @@ def _train_parser(sub) -> None:
         f.add_argument("--dataset", help=fam.datasets)
         f.add_argument("--config", help="YAML file with sections dataset/model/train")
         f.add_argument("--workers", type=int, help="Ray Train workers (0: in-process, for debugging)")
+        f.add_argument("--min-workers", type=int, help="elastic training: start or go on with as few as this many "
+                                                       "workers when the cluster has no room for --workers (DDP)")
         f.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3")
         f.add_argument("--epochs", type=int)
         f.add_argument("--lr", type=float)

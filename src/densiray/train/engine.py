@@ -103,6 +103,11 @@ class TrainConfig(BaseModel):
     patience: int = Field(20, ge=0, description="stop after this many epochs without improvement (0: never)")
     seed: int = 0
     workers: int = Field(2, ge=0, le=4096, description="Ray Train workers; 0 runs in-process (debugging)")
+    min_workers: int | None = Field(
+        None, ge=1, le=4096, description="elastic training (Ray Train's num_workers=(min, max)): start with as few "
+                                         "as min_workers when the cluster has no room for workers, continue at a "
+                                         "smaller size after a lost node, grow back when capacity returns. Runs "
+                                         "plain PyTorch DDP, whose checkpoint loads at any world size")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     strategy: Literal["auto", "ddp", "deepspeed"] = Field(
@@ -123,6 +128,12 @@ class TrainConfig(BaseModel):
             raise ValueError("set warmup_steps or warmup_fraction, not both")
         if self.strategy == "ddp" and self.zero_stage:
             raise ValueError(f"zero_stage {self.zero_stage} needs strategy deepspeed (or auto), not ddp")
+        if self.min_workers is not None:
+            if not 0 < self.min_workers <= self.workers:
+                raise ValueError(f"min_workers {self.min_workers} must be between 1 and workers ({self.workers})")
+            if self.strategy == "deepspeed" or self.zero_stage:
+                raise ValueError("elastic training (min_workers) needs strategy ddp (or auto): a DeepSpeed ZeRO "
+                                 "checkpoint is partitioned by world size and cannot be resumed at another")
         if self.strategy == "deepspeed" and self.compile:
             raise ValueError("compile applies to strategy ddp (or auto), not deepspeed")
         return self
@@ -143,6 +154,11 @@ def choose_strategy(tc: TrainConfig, trainable: int, frozen: int, device_bytes: 
     need = BYTES_PER_TRAINABLE * trainable + BYTES_PER_FROZEN * frozen
     what = (f"weights, gradients and AdamW state ~{need / 2**30:.2f} GiB against {MEMORY_FRACTION:.0%} of "
             f"{device_bytes / 2**30:.1f} GiB per device")
+    if need > MEMORY_FRACTION * device_bytes and tc.min_workers:
+        from densiray.errors import ConfigError
+
+        raise ConfigError(f"{what}: the model needs DeepSpeed ZeRO, and elastic training (min_workers) needs "
+                          "strategy ddp; drop min_workers")
     if need > MEMORY_FRACTION * device_bytes:
         return "deepspeed", 3, f"{what}: does not fit, ZeRO-3 partitions them"
     return "ddp", None, f"{what}: fits, plain PyTorch"
@@ -554,6 +570,14 @@ def _resume(run: _Run) -> LoopState:
                 raise ConfigError(f"the run's checkpoint was written by strategy {saved.strategy} (ZeRO "
                                   f"{saved.zero_stage}), this run chose {run.strategy} (ZeRO {run.zero_stage}); "
                                   "set train.strategy/zero_stage as before or restart the run")
+            if saved.world != run.world and run.strategy == "deepspeed":
+                from densiray.errors import ConfigError
+
+                raise ConfigError(f"the run's ZeRO checkpoint was written by {saved.world} workers and cannot be "
+                                  f"resumed by {run.world}; run it with {saved.world} workers or restart it")
+            if saved.world != run.world and run.rank == 0:
+                print(f"densiray: resuming with {run.world} workers (the checkpoint was written by {saved.world})",
+                      flush=True)
             state = saved
             run.engine.load_checkpoint(os.path.join(d, DS_DIR), tag="state", load_module_strict=not run.frozen)
             if Path(d, BEST_FILE).exists():
@@ -643,8 +667,10 @@ def _validate(run: _Run, state: LoopState, train_metrics: dict, seconds: float) 
     evaluator.eval()
     with torch.no_grad():
         val = reduce_metrics(task.evaluate(evaluator), run.device)
-    score = val[task.metric]
-    improved = math.isfinite(score) and (tc.keep == "last" or state.best is None or better(score, state.best, task.mode))
+    # the selecting score: the metric, unless the task asks more of a candidate (a refit keeps its last epoch)
+    score = val[task.metric] if tc.keep == "last" else task.selection_score(val)
+    improved = score is not None and math.isfinite(score) and (tc.keep == "last" or state.best is None
+                                                                or better(score, state.best, task.mode))
     if improved:
         state.best, state.best_epoch, state.bad_epochs = score, epoch, 0
         run.best_weights = (_module_state(run.ema.module, run.trainable_only) if run.ema is not None
@@ -657,7 +683,7 @@ def _validate(run: _Run, state: LoopState, train_metrics: dict, seconds: float) 
     metrics = {"epoch": epoch, **train_metrics, **val, "best_epoch": state.best_epoch,
                f"best_{task.metric}": state.best if state.best is not None else float("nan"),
                "lr": lr, "epoch_time_s": seconds, "peak_memory_mb": peak_memory_mb(run.device),
-               "resumed_from_epoch": state.resumed_from}
+               "resumed_from_epoch": state.resumed_from, "world": run.world}
     state.history.append({key: v for key, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
@@ -992,7 +1018,8 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
         train_loop_config={"task": task, "train": tc.model_dump(), "local_dir": local_dir, "tune": in_tune,
                            "progress": bool(progress) and watcher is None, "run_dir": f"{storage.rstrip('/')}/{name}",
                            "progress_queue": watcher.queue if watcher else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.workers, use_gpu=bool(use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=(tc.min_workers, tc.workers) if tc.min_workers else tc.workers,
+                                               use_gpu=bool(use_gpu),
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,

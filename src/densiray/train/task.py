@@ -84,6 +84,12 @@ class Task(ABC):
     def metrics(self, model: nn.Module) -> dict:
         """Held-out metrics of a trained ``model`` (what the store records and the CLI summarises)."""
 
+    def selection_score(self, val: dict[str, float]) -> float | None:
+        """The score that selects the best epoch, from :meth:`evaluate`'s metrics: :attr:`metric` by
+        default. A task may return None for an epoch that is no candidate (e.g. one whose gain over
+        the starting model is not significant on the validation rows): the best so far is kept."""
+        return val[self.metric]
+
     def report_plot(self, model: nn.Module, history: list[dict], title: str) -> bytes | None:
         """A PNG report stored beside the exported model (``report.png``), or None for none."""
         return None
