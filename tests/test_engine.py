@@ -305,6 +305,29 @@ def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
         assert all(torch.equal(result.best_weights[k], ema[k]) for k in ema)
 
 
+def test_an_epoch_replaces_the_base_mixture_only_with_a_significant_validation_gain(ray_cluster, store):
+    """DNMM selection on iris's 24 validation rows: an epoch is a candidate only when its paired gain over
+    the untrained base mixture is at least ``min_gain_se`` standard errors; otherwise the base is kept."""
+    model = {**SMALL, "components": 2}
+    tc = TrainConfig(workers=0, epochs=8, patience=0, lr=1e-2, batch_size=32)
+    for margin in (0.0, 1.0, 1e6):
+        task = build_task("dnmm", RunSpec(dataset="iris", model={**model, "min_gain_se": margin}))
+        state = fit(task, tc, name=f"gain-{margin}", storage=runs_uri(store)).state
+        history = state["history"]
+        assert all(math.isfinite(h["val_gain_z"]) for h in history)
+        candidates = [h for h in history if h["val_gain_z"] >= margin]
+        expected = max([state["initial"], *(h["val_log_lik"] for h in candidates)])
+        assert state["best"] == pytest.approx(expected, abs=1e-9)
+        if state["best_epoch"] >= 0:
+            assert history[state["best_epoch"]]["val_gain_z"] >= margin
+        if margin == 0.0:  # any gain counts: the best raw validation score wins
+            assert state["best"] == pytest.approx(max([state["initial"], *(h["val_log_lik"] for h in history)]))
+        if margin == 1e6:
+            assert state["best_epoch"] == -1 and state["best"] == state["initial"]
+        else:
+            assert history[0]["val_gain"] != 0  # training moved the model
+
+
 def test_an_elastic_ddp_run_resumes_at_another_world_size(ray_cluster, store):
     """Elastic training (``min_workers``): a 2-worker DDP run that dies after epoch 2 resumes from its
     checkpoint with the one worker the cluster has room for (2 x 1.5 CPUs do not fit 2 CPUs), and

@@ -79,6 +79,11 @@ class DNMMConfig(BaseModel):
         None, description="proper variant: train the base Gaussians too; default (None): only with init random. "
                           "From a fitted GMM they stay put and the networks (and weights) learn the correction "
                           "(measured: Adam moves near-optimal Gaussians by noise and lowers the likelihood)")
+    min_gain_se: float = Field(
+        1.0, ge=0, description="an epoch is selected over the untrained base mixture only when its paired gain "
+                               "on the validation rows exceeds this many standard errors (0: any gain). Measured "
+                               "on iris (24 validation rows): the best epoch's gain of +0.071 nats was 0.77 SE, "
+                               "and on the test rows the trained model lost 0.244 nats to its base")
     warp: Literal["none", "maf", "nsf"] = Field(
         "none", description="proper variant: a normalizing flow u = T(x), fitted first and then frozen, under "
                             "which the mixture is built: p(x) = p_mixture(T(x)) |det dT/dx|")
