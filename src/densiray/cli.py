@@ -48,8 +48,8 @@ def _train(args) -> int:
     import densiray.api as api
 
     overrides = {"model": _family_overrides(args),
-                 "train": {"workers": args.workers, "min_workers": args.min_workers, "zero_stage": args.zero_stage, "epochs": args.epochs,
-                           "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
+                 "train": {"workers": args.workers, "min_workers": args.min_workers, "zero_stage": args.zero_stage,
+                           "epochs": args.epochs, "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size}}
     # With --json, stdout carries the JSON alone: progress and worker logs go to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = api.train(args.family, args.dataset, config=args.config, overrides=overrides, name=args.name,

@@ -1018,8 +1018,8 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
         train_loop_config={"task": task, "train": tc.model_dump(), "local_dir": local_dir, "tune": in_tune,
                            "progress": bool(progress) and watcher is None, "run_dir": f"{storage.rstrip('/')}/{name}",
                            "progress_queue": watcher.queue if watcher else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=(tc.min_workers, tc.workers) if tc.min_workers else tc.workers,
-                                               use_gpu=bool(use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=(tc.min_workers, tc.workers) if tc.min_workers
+                                               else tc.workers, use_gpu=bool(use_gpu),
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,

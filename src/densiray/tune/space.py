@@ -24,8 +24,8 @@ from densiray.errors import ConfigError
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid")
 # engine settings a sweep must not vary: they decide where and how trials run, not the model
-FIXED_TRAIN = {"workers", "min_workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every", "epochs", "patience",
-               "strategy", "compile"}
+FIXED_TRAIN = {"workers", "min_workers", "cpus_per_worker", "use_gpu", "max_failures", "checkpoint_every", "epochs",
+               "patience", "strategy", "compile"}
 
 
 def _values(spec: dict, key: str) -> list:
