@@ -101,7 +101,7 @@ def _bench(args) -> int:
 
         datasets = args.datasets.split(",") if args.datasets else DATASETS
         run(datasets, args.out or "jobs/results/density", trials=args.trials, epochs=args.epochs,
-            time_budget_s=args.time_budget_s, baselines=not args.no_baselines)
+            time_budget_s=args.time_budget_s, baselines=not args.no_baselines, refit=args.refit)
         print(f"results in {args.out or 'jobs/results/density'}/density.md")
     return 0
 
@@ -257,6 +257,7 @@ def _bench_parser(sub) -> None:
     b.add_argument("--epochs", type=int, default=150, help="most epochs per trial")
     b.add_argument("--time-budget-s", type=float, default=600, help="sweep time budget per dataset")
     b.add_argument("--no-baselines", action="store_true", help="keep the earlier MAF/NSF rows (KDE and GMM are refitted for the paired comparison)")
+    b.add_argument("--refit", action="store_true", help="refit each winner on train+validation rows (tune.refit)")
     b.set_defaults(func=_bench)
 
 
