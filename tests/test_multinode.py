@@ -9,7 +9,7 @@ the job API's stop, and the state API.
 * a worker node killed (its raylet, SIGKILL by pid) mid-run: the run waits for capacity, restarts
   from its last checkpoint when the node is back, and the store holds nothing half-written;
 * an elastic run (``--min-workers 1``) loses node_b for good: it goes on from its last checkpoint with
-  the worker on node_a (the one multi-node test every suite runs; the others are opt-in);
+  the worker on node_a;
 * a sweep (two trials at a time, one per node) loses node_b: its trial is retried from its checkpoint
   and the sweep completes;
 * Serve with two replicas, one per node, loses node_b: the other replica answers, and both serve again
@@ -36,11 +36,11 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # node starts alone take minutes on a busy machine
-# The elastic lost-node test runs in every suite (cross-node training through `ray job submit`, a node lost
-# and survived: ~2 min with the cluster's start). The other four need ~8 min more on a quiet 2-core machine,
-# more than the 15-minute suite can add: `DENSIRAY_MULTINODE=1 pytest tests/test_multinode.py` runs them too.
+# Opt-in: the five need ~10 min with the cluster's start on a quiet 2-core machine. Even the elastic test
+# alone (~2.5-3 min) took a fresh clone's suite from 10-14 min to 16 min 47 s, past the 15-minute budget,
+# so CI does not run them; `DENSIRAY_MULTINODE=1 pytest tests/test_multinode.py` does.
 OPT_IN = pytest.mark.skipif(not os.environ.get("DENSIRAY_MULTINODE"),
-                            reason="opt-in multi-node test (DENSIRAY_MULTINODE=1): ~8 min for the four on 2 cores")
+                            reason="opt-in multi-node test (DENSIRAY_MULTINODE=1): ~10 min for the five on 2 cores")
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
@@ -256,6 +256,7 @@ def test_a_lost_worker_node_is_survived(cluster, config_file, tmp_path):
     assert not leftovers
 
 
+@OPT_IN
 def test_an_elastic_run_goes_on_with_one_worker_after_a_lost_node(cluster, config_file, tmp_path):
     """Elastic training (``--min-workers 1``, DDP): node_b's raylet is killed mid-run and stays down; the run
     resumes from its last checkpoint with the one worker node_a has room for and finishes there."""
