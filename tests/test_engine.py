@@ -271,10 +271,8 @@ def test_training_twice_in_process_works_and_records_strategy_and_nodes(ray_clus
     assert manifests[1]["provenance"]["zero_stage"] == 2
 
 
-@pytest.mark.slow
-def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
-    """A run that dies after epoch 2 resumes there on the next fit: the loop state, the EMA (not a fresh
-    copy of the weights) and its update count come back from the newest complete checkpoint."""
+def _dies_at_epoch_2(task):
+    """A copy of the DNMM ``task`` whose epoch 2 raises "killed": a run that dies mid-way."""
     import copy
 
     from densiray.train.dnmm import DNMMTask
@@ -285,9 +283,17 @@ def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
                 raise RuntimeError("killed")
             return super().batches(epoch, rank, world, batch_size)
 
-    task = build_task("dnmm", RunSpec(dataset="moons", n=800, model=SMALL))
     dying = copy.copy(task)
     dying.__class__ = Dies
+    return dying
+
+
+@pytest.mark.slow
+def test_an_interrupted_in_process_run_resumes_with_its_ema(ray_cluster, store):
+    """A run that dies after epoch 2 resumes there on the next fit: the loop state, the EMA (not a fresh
+    copy of the weights) and its update count come back from the newest complete checkpoint."""
+    task = build_task("dnmm", RunSpec(dataset="moons", n=800, model=SMALL))
+    dying = _dies_at_epoch_2(task)
     tc = TrainConfig(workers=0, epochs=4, patience=0, ema_decay=0.8, lr=1e-2, batch_size=128)
     with pytest.raises(Exception, match="killed"):
         fit(dying, tc, name="ema-resume", storage=runs_uri(store))
@@ -332,19 +338,8 @@ def test_an_elastic_ddp_run_resumes_at_another_world_size(ray_cluster, store):
     """Elastic training (``min_workers``): a 2-worker DDP run that dies after epoch 2 resumes from its
     checkpoint with the one worker the cluster has room for (2 x 1.5 CPUs do not fit 2 CPUs), and
     finishes; a ZeRO run refuses elastic settings up front."""
-    import copy
-
-    from densiray.train.dnmm import DNMMTask
-
-    class Dies(DNMMTask):
-        def batches(self, epoch, rank, world, batch_size):
-            if epoch == 2:
-                raise RuntimeError("killed")
-            return super().batches(epoch, rank, world, batch_size)
-
     task = build_task("dnmm", RunSpec(dataset="moons", n=800, model=SMALL))
-    dying = copy.copy(task)
-    dying.__class__ = Dies
+    dying = _dies_at_epoch_2(task)
     first = TrainConfig(workers=2, strategy="ddp", epochs=4, patience=0, lr=1e-2, batch_size=128, max_failures=0)
     with pytest.raises(Exception, match="killed"):
         fit(dying, first, name="elastic", storage=runs_uri(store))
