@@ -190,7 +190,7 @@ class DNMMTask(Task):
         """The validation log-likelihood, for an epoch whose paired gain over the base mixture is at least
         ``min_gain_se`` standard errors; None otherwise, so the base stays the choice. On a few dozen
         validation rows an epoch can win by chance and lose on new data (iris; ``DNMMConfig.min_gain_se``)."""
-        if val["val_gain_z"] < self.config.min_gain_se and val["val_gain"] != 0:
+        if val["val_gain_z"] < self.config.min_gain_se:
             return None
         return val["val_log_lik"]
 
