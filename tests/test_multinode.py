@@ -258,10 +258,12 @@ def test_a_lost_worker_node_is_survived(cluster, config_file, tmp_path):
 
 @OPT_IN
 def test_an_elastic_run_goes_on_with_one_worker_after_a_lost_node(cluster, config_file, tmp_path):
-    """Elastic training (``--min-workers 1``, DDP): node_b's raylet is killed mid-run and stays down; the run
-    resumes from its last checkpoint with the one worker node_a has room for and finishes there."""
+    """Elastic training (``--min-workers 1``) under ZeRO-3: node_b's raylet is killed mid-run and stays down;
+    the run resumes from its last checkpoint, resharded for one rank (DeepSpeed's universal checkpoint),
+    with the one worker node_a has room for and finishes there."""
     store = str(tmp_path / "models")
-    sid = submit_training(cluster, "elastic", store, config_file, epochs=ELASTIC_EPOCHS, scale=("--min-workers", "1"))
+    sid = submit_training(cluster, "elastic", store, config_file, epochs=ELASTIC_EPOCHS,
+                          scale=("--zero-stage", "3", "--min-workers", "1"))
     deadline = time.monotonic() + 420
     while len(checkpoints(store, "elastic")) < 2:
         assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
@@ -278,7 +280,8 @@ def test_an_elastic_run_goes_on_with_one_worker_after_a_lost_node(cluster, confi
     history = manifest["provenance"]["history"]
     assert [h["epoch"] for h in history] == list(range(ELASTIC_EPOCHS))
     assert history[0]["world"] == 2 and history[-1]["world"] == 1, [h["world"] for h in history]
-    assert history[-1]["resumed_from_epoch"] > 0 and manifest["provenance"]["strategy"] == "ddp"
+    assert history[-1]["resumed_from_epoch"] > 0 and manifest["provenance"]["strategy"] == "deepspeed"
+    assert "resharding its ZeRO-3 state (universal checkpoint)" in logs(cluster, sid)
     assert math.isfinite(manifest["metrics"]["test_log_lik"])
 
 

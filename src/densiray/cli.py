@@ -204,7 +204,7 @@ def _train_parser(sub) -> None:
         f.add_argument("--config", help="YAML file with sections dataset/model/train")
         f.add_argument("--workers", type=int, help="Ray Train workers (0: in-process, for debugging)")
         f.add_argument("--min-workers", type=int, help="elastic training: start or go on with as few as this many "
-                                                       "workers when the cluster has no room for --workers (DDP)")
+                                                       "workers when the cluster has no room for --workers")
         f.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3")
         f.add_argument("--epochs", type=int)
         f.add_argument("--lr", type=float)

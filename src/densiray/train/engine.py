@@ -31,7 +31,9 @@ Ray Train workers (``workers=0`` runs it in this process, for debugging and note
 2. **resumes** (:func:`_resume`) from the newest *complete* checkpoint it can find: Ray Train's
    registered one, or a newer one already on storage (a worker killed between writing a checkpoint
    and Ray registering it). A checkpoint is complete when every rank's ``complete-rank<r>.json``
-   (written last, listing that rank's files and sizes) is there and matches.
+   (written last, listing that rank's files and sizes) is there and matches. A ZeRO checkpoint written
+   by another number of ranks (elastic training, ``min_workers``) is converted to DeepSpeed's universal
+   checkpoint and partitioned anew (:func:`_universal`).
 3. **runs epochs** (:func:`_run_epoch`), with a :class:`~densiray.train.task.StepContext` per
    micro-batch whose generator is seeded from (seed, optimizer step, micro-step) alone -- the same on
    every rank;
@@ -106,8 +108,8 @@ class TrainConfig(BaseModel):
     min_workers: int | None = Field(
         None, ge=1, le=4096, description="elastic training (Ray Train's num_workers=(min, max)): start with as few "
                                          "as min_workers when the cluster has no room for workers, continue at a "
-                                         "smaller size after a lost node, grow back when capacity returns. Runs "
-                                         "plain PyTorch DDP, whose checkpoint loads at any world size")
+                                         "smaller size after a lost node, grow back when capacity returns (a "
+                                         "ZeRO checkpoint is resharded through DeepSpeed's universal checkpoint)")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     strategy: Literal["auto", "ddp", "deepspeed"] = Field(
@@ -131,9 +133,6 @@ class TrainConfig(BaseModel):
         if self.min_workers is not None:
             if not 0 < self.min_workers <= self.workers:
                 raise ValueError(f"min_workers {self.min_workers} must be between 1 and workers ({self.workers})")
-            if self.strategy == "deepspeed" or self.zero_stage:
-                raise ValueError("elastic training (min_workers) needs strategy ddp (or auto): a DeepSpeed ZeRO "
-                                 "checkpoint is partitioned by world size and cannot be resumed at another")
         if self.strategy == "deepspeed" and self.compile:
             raise ValueError("compile applies to strategy ddp (or auto), not deepspeed")
         return self
@@ -154,11 +153,6 @@ def choose_strategy(tc: TrainConfig, trainable: int, frozen: int, device_bytes: 
     need = BYTES_PER_TRAINABLE * trainable + BYTES_PER_FROZEN * frozen
     what = (f"weights, gradients and AdamW state ~{need / 2**30:.2f} GiB against {MEMORY_FRACTION:.0%} of "
             f"{device_bytes / 2**30:.1f} GiB per device")
-    if need > MEMORY_FRACTION * device_bytes and tc.min_workers:
-        from densiray.errors import ConfigError
-
-        raise ConfigError(f"{what}: the model needs DeepSpeed ZeRO, and elastic training (min_workers) needs "
-                          "strategy ddp; drop min_workers")
     if need > MEMORY_FRACTION * device_bytes:
         return "deepspeed", 3, f"{what}: does not fit, ZeRO-3 partitions them"
     return "ddp", None, f"{what}: fits, plain PyTorch"
@@ -180,10 +174,13 @@ def device_memory(device: torch.device) -> int:
     return ram // local
 
 
-def deepspeed_config(tc: TrainConfig, task: Task, world: int, on_gpu: bool, zero_stage: int | None = None) -> dict:
-    """The DeepSpeed config for this hardware: bf16 on GPU unless the Task or user wants fp32."""
+def deepspeed_config(tc: TrainConfig, task: Task, world: int, on_gpu: bool, zero_stage: int | None = None,
+                     load_universal: bool = False) -> dict:
+    """The DeepSpeed config for this hardware: bf16 on GPU unless the Task or user wants fp32;
+    ``load_universal`` when the checkpoint to resume from is resharded to another world size."""
     stage = zero_stage if zero_stage is not None else (2 if tc.zero_stage is None else tc.zero_stage)
     return {
+        "checkpoint": {"load_universal": load_universal},
         "train_micro_batch_size_per_gpu": micro_batch(tc, world),
         "gradient_accumulation_steps": tc.grad_accum_steps,
         "gradient_clipping": tc.grad_clip,
@@ -438,6 +435,8 @@ class _Run:
     in_tune: bool = False
     nodes: list = field(default_factory=list)
     best_weights: dict | None = None
+    checkpoint: Any = None  # the checkpoint to resume from (newest_checkpoint), None for a fresh run
+    reshard: bool = False  # it is a ZeRO checkpoint of another world size: load it as a universal checkpoint
 
     def evaluator(self):
         """What validation runs through: the EMA when on, else the training engine."""
@@ -518,12 +517,17 @@ def _setup(config: dict) -> _Run:
                           f"grad_accum_steps {tc.grad_accum_steps}; lower grad_accum_steps or batch_size")
     bf16 = _bf16(tc, task, on_gpu)
     ema = _make_ema(task, tc, device) if tc.ema_decay is not None else None
+    found = newest_checkpoint(config, local, rank)
+    saved = checkpoint_complete(found.filesystem, found.path) if found is not None else None
+    # a ZeRO checkpoint written by another number of ranks (elastic training) is resharded on load
+    reshard = bool(saved and strategy == "deepspeed" and stage and saved.get("strategy") == "deepspeed"
+                   and saved.get("zero_stage") == stage and int(saved.get("world", 1)) != world)
     if strategy == "deepspeed":
         deepspeed = _deepspeed(on_gpu)
         optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, tc, tc.epochs * steps_per_epoch),
-            config=deepspeed_config(tc, task, world, on_gpu, stage))
+            config=deepspeed_config(tc, task, world, on_gpu, stage, load_universal=reshard))
     else:
         model.to(device)
         optimizer = _adamw(trainable, tc, device, fused=True)
@@ -536,7 +540,8 @@ def _setup(config: dict) -> _Run:
     return _Run(task=task, tc=tc, config=config, engine=engine, rank=rank, world=world, device=device,
                 strategy=strategy, zero_stage=stage, micro=micro, steps_per_epoch=steps_per_epoch, frozen=frozen,
                 trainable_only=frozen and getattr(task, "trainable_only", False), bf16=bf16, ema=ema,
-                created_group=created, local=local, in_tune=local and config.get("tune", False), nodes=nodes)
+                created_group=created, local=local, in_tune=local and config.get("tune", False), nodes=nodes,
+                checkpoint=found, reshard=reshard)
 
 
 def _make_ema(task: Task, tc: TrainConfig, device: torch.device):
@@ -560,7 +565,7 @@ def _resume(run: _Run) -> LoopState:
     """Load the newest complete checkpoint (see :func:`newest_checkpoint`), or evaluate the initial
     model as the first candidate for "best"."""
     state = LoopState(history=[])
-    found = newest_checkpoint(run)
+    found = run.checkpoint
     if found is not None:
         with found.as_directory() as d:
             saved = LoopState(**json.loads(Path(d, STATE_FILE).read_text()))
@@ -570,16 +575,14 @@ def _resume(run: _Run) -> LoopState:
                 raise ConfigError(f"the run's checkpoint was written by strategy {saved.strategy} (ZeRO "
                                   f"{saved.zero_stage}), this run chose {run.strategy} (ZeRO {run.zero_stage}); "
                                   "set train.strategy/zero_stage as before or restart the run")
-            if saved.world != run.world and run.strategy == "deepspeed":
-                from densiray.errors import ConfigError
-
-                raise ConfigError(f"the run's ZeRO checkpoint was written by {saved.world} workers and cannot be "
-                                  f"resumed by {run.world}; run it with {saved.world} workers or restart it")
             if saved.world != run.world and run.rank == 0:
-                print(f"densiray: resuming with {run.world} workers (the checkpoint was written by {saved.world})",
-                      flush=True)
+                how = f", resharding its ZeRO-{run.zero_stage} state (universal checkpoint)" if run.reshard else ""
+                print(f"densiray: resuming with {run.world} workers (the checkpoint was written by "
+                      f"{saved.world}{how})", flush=True)
             state = saved
-            run.engine.load_checkpoint(os.path.join(d, DS_DIR), tag="state", load_module_strict=not run.frozen)
+            with _universal(os.path.join(d, DS_DIR), "state") if run.reshard else contextlib.nullcontext(
+                    os.path.join(d, DS_DIR)) as ds_dir:
+                run.engine.load_checkpoint(ds_dir, tag="state", load_module_strict=not run.frozen)
             if Path(d, BEST_FILE).exists():
                 run.best_weights = load_file(os.path.join(d, BEST_FILE))
             if run.ema is not None and Path(d, EMA_FILE).exists():
@@ -795,12 +798,12 @@ def checkpoint_complete(fs, path: str) -> dict | None:
     return state
 
 
-def _storage_candidates(run: _Run) -> list:
+def _storage_candidates(config: dict, local: bool) -> list:
     """Checkpoint folders a previous attempt of this run may have left: Ray Train's ``checkpoint_*``
     folders of the run, or the in-process ``densiray-ckpt-*`` ones."""
     import pyarrow.fs as pafs
 
-    root = run.config.get("local_dir") if run.local else run.config.get("run_dir")
+    root = config.get("local_dir") if local else config.get("run_dir")
     if not root:
         return []
     try:
@@ -808,16 +811,16 @@ def _storage_candidates(run: _Run) -> list:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
         return []
-    prefix = "densiray-ckpt-" if run.local else "checkpoint_"
+    prefix = "densiray-ckpt-" if local else "checkpoint_"
     return [(fs, i.path) for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
 
 
-def newest_checkpoint(run: _Run):
+def newest_checkpoint(config: dict, local: bool, rank: int):
     """The checkpoint to resume from: Ray Train's (or Tune's) registered one, unless storage holds a
-    newer complete one (by optimizer step); None for a fresh run."""
+    newer complete one (by optimizer step); None for a fresh run. ``local``: an in-process run."""
     import ray.train
 
-    if run.in_tune:
+    if local and config.get("tune", False):
         import ray.tune
 
         registered = ray.tune.get_checkpoint()
@@ -827,14 +830,36 @@ def newest_checkpoint(run: _Run):
     if registered is not None:
         state = checkpoint_complete(registered.filesystem, registered.path)
         best_step = state["step"] if state else -1
-    for fs, path in _storage_candidates(run):
+    for fs, path in _storage_candidates(config, local):
         state = checkpoint_complete(fs, path)
         if state is not None and state["step"] > best_step:
             best, best_step = ray.train.Checkpoint(path, filesystem=fs), state["step"]
-    if best is not None and best is not registered and run.rank == 0:
+    if best is not None and best is not registered and rank == 0:
         print(f"densiray: resuming from {best.path} (step {best_step}), newer than Ray Train's registered "
               "checkpoint", flush=True)
     return best
+
+
+@contextlib.contextmanager
+def _universal(ds_dir: str, tag: str):
+    """DeepSpeed's universal checkpoint of the ZeRO checkpoint ``ds_dir/tag``, in a temporary folder
+    (yields the folder to load ``tag`` from): every parameter's fp32 weights and Adam moments whole, so
+    that another number of ranks can partition them anew (``ds_to_universal``, its own converter). Each
+    rank converts its own copy: ranks on other nodes need not share a file system."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    out = tempfile.mkdtemp(prefix="densiray-universal-")
+    try:
+        args = argparse.Namespace(input_folder=os.path.join(ds_dir, tag), output_folder=os.path.join(out, tag),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # checkpoints saved without universal metadata
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            to_universal(args)
+        yield out
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------
