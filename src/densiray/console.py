@@ -44,6 +44,13 @@ def stop_on_sigterm() -> None:
         global terminated
         terminated = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
+        on_ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(on_ctrl_c) and on_ctrl_c is not signal.default_int_handler:
+            # Ray Train's, during a run: it aborts the run's controller, which hands back the run's resource
+            # request. Killed without it, the controller's request holds the nodes for 180 s, and an elastic
+            # run submitted again meanwhile finds no room and waits.
+            with contextlib.suppress(SystemExit, Exception):
+                on_ctrl_c(signal.SIGINT, frame)
         raise Terminated()
 
     signal.signal(signal.SIGTERM, stop)
