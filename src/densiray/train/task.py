@@ -118,15 +118,18 @@ def better(a: float, b: float, mode: str) -> bool:
 
 
 def rank_batches(n: int, epoch: int, salt: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Row indices of this rank's batches for one epoch: a permutation seeded by (epoch, salt), split into
-    ``world`` equal shards (every rank takes the same number of steps), then into batches."""
+    """Row indices of this rank's batches for one epoch: a permutation seeded by (epoch, salt), dealt out
+    to ``world`` equal shards (rank r takes rows r, r + world, ...; every rank takes the same number of
+    steps), then cut into batches. The ranks' i-th batches together are the i-th ``world * batch_size``
+    rows of the one permutation: the global batches, hence the run, do not depend on the world size (an
+    elastic run resumed with fewer workers goes on as it would have)."""
     import math
 
     import numpy as np
 
     perm = np.random.default_rng([epoch, salt]).permutation(n)
     per_rank = max(1, n // world)
-    mine = torch.from_numpy(perm[rank * per_rank:(rank + 1) * per_rank] if n >= world else perm[:1])
+    mine = torch.from_numpy(perm[rank:per_rank * world:world].copy() if n >= world else perm[:1])
     for i in range(max(1, math.ceil(per_rank / batch_size))):
         yield mine[i * batch_size:(i + 1) * batch_size]
 
