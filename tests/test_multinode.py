@@ -192,104 +192,6 @@ def summary_from(text: str) -> dict:
     return json.loads(text[start + 1:] if start >= 0 else text[text.index("{"):])
 
 
-def test_zero3_across_nodes_stops_resumes_and_goes_on_elastic_after_a_lost_node(cluster, config_file, tmp_path,
-                                                                              ray_cluster):
-    """One run through the whole cluster path: a 2-worker ZeRO-3 run (``--min-workers 1``) submitted from
-    the checkout, its ranks on the two worker nodes; stopped with the job API at its first checkpoint and
-    submitted again, it resumes; then node_b's raylet is SIGKILLed and stays down, and the run goes on
-    with the worker on node_a from its last checkpoint, resharded for one rank (DeepSpeed's universal
-    checkpoint). It ends where an in-process run of the same config does: every step's gradient is the
-    same at any world size."""
-    store = str(tmp_path / "models")
-    ids = cluster.node_ids()
-    assert set(ids) == {"head", "node_a", "node_b"}, ids
-    scale = ("--zero-stage", "3", "--min-workers", "1")
-
-    # 1. submitted from the checkout; progress shows in `ray job logs`; `ray job stop` stops it
-    first = submit_training(cluster, "cross", store, config_file, epochs=EPOCHS, scale=scale)
-    watch = WorkerNodes(cluster, first)
-    wait_for_epoch(cluster, first, store, "cross", 0)
-    # what `ray job stop` sends (its CLI alone takes seconds to start, time in which a quiet machine trains on)
-    from ray.job_submission import JobSubmissionClient
-
-    assert JobSubmissionClient(cluster.dashboard).stop_job(first)
-    assert wait_status(cluster, first, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
-    text = logs(cluster, first)
-    (tmp_path / "first.log").write_text(text)  # kept by pytest for a look after a failure
-    assert "epoch" in text  # the progress reaches the job's log
-    marker = json.loads(Path(store, ".runs", "cross", "densiray_run.json").read_text())
-    assert marker["done"] is False, "the run finished before the stop reached it"  # stopped, not finished
-    assert "densiray: stopped (SIGTERM); run the same command again to resume" in text, text[-3000:]
-
-    # 2. the same submission again resumes from the last checkpoint; two epochs later node_b dies for good
-    stopped_at = newest_epoch(store, "cross")
-    second = submit_training(cluster, "cross", store, config_file, epochs=EPOCHS, scale=scale)
-    watch.follow(second)
-    wait_for_epoch(cluster, second, store, "cross", stopped_at + 2)
-    try:
-        assert cluster.kill_node("node_b") > 0
-        assert wait_status(cluster, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", \
-            logs(cluster, second)
-    finally:
-        cluster.restart_node("node_b")
-    worker_nodes = watch.stop()
-    text = logs(cluster, second)
-    (tmp_path / "second.log").write_text(text)
-    assert "resuming unfinished run 'cross'" in text
-    summary = summary_from(text)
-    assert summary["resumed"] is True and summary["epochs_run"] == EPOCHS
-
-    # 3. the two ZeRO-3 ranks ran on the two worker nodes, never on the CPU-less head; then on node_a alone
-    from densiray.store import Store
-
-    manifest = Store(store).read("cross").manifest  # hashes verified
-    assert worker_nodes == {ids["node_a"], ids["node_b"]}, (worker_nodes, ids)
-    history = manifest["provenance"]["history"]
-    assert [h["epoch"] for h in history] == list(range(EPOCHS))
-    worlds = [h["world"] for h in history]
-    assert worlds[0] == 2 and worlds[-1] == 1 and worlds == sorted(worlds, reverse=True), worlds
-    assert manifest["provenance"]["strategy"] == "deepspeed" and manifest["provenance"]["zero_stage"] == 3
-    assert manifest["provenance"]["rank_nodes"] == [ids["node_a"]], manifest["provenance"]["rank_nodes"]
-    leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
-    assert not leftovers
-
-    # 4. the metrics of the same config trained in one process (same global batch, same gradients)
-    from densiray import api
-
-    local = api.train("dnmm", "moons", config=config_file, overrides={"train": {"workers": 0, "epochs": EPOCHS}},
-                      name="cross", store=str(tmp_path / "one-process"), plot=False)
-    assert abs(local["metrics"]["test_log_lik"] - summary["metrics"]["test_log_lik"]) < 0.01, (local, summary)
-
-
-@OPT_IN
-def test_a_lost_worker_node_is_waited_for(cluster, config_file, tmp_path):
-    """SIGKILL node_b's raylet mid-run; the run waits, restarts from its last checkpoint once the node is
-    back, and finishes; the store holds one complete model and nothing half-written."""
-    store = str(tmp_path / "models")
-    sid = submit_training(cluster, "lost", store, config_file, epochs=EPOCHS)
-    deadline = time.monotonic() + 420
-    while len(checkpoints(store, "lost")) < 2:
-        assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
-        assert time.monotonic() < deadline, "no checkpoint after 420 s:\n" + logs(cluster, sid)
-        time.sleep(1)
-    killed = cluster.kill_node("node_b")
-    assert killed > 0
-    time.sleep(10)  # the node is gone; the run cannot place its second worker
-    assert job_status(cluster, sid) == "RUNNING"
-    cluster.restart_node("node_b")
-    assert wait_status(cluster, sid, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", logs(cluster, sid)
-    summary = summary_from(logs(cluster, sid))
-    assert summary["epochs_run"] == EPOCHS
-    from densiray.store import Store
-
-    manifest = Store(store).read("lost").manifest  # hashes verified
-    history = manifest["provenance"]["history"]
-    assert [h["epoch"] for h in history] == list(range(EPOCHS))
-    assert any(h.get("resumed_from_epoch", 0) > 0 for h in history), history
-    leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
-    assert not leftovers
-
-
 def _replica_nodes(cluster) -> list[str]:
     """Node ids of the densiray Serve replicas alive now (state API over HTTP)."""
     from ray.util.state import list_actors
@@ -406,3 +308,98 @@ def test_a_sweep_survives_a_lost_node(cluster, config_file, tmp_path):
         if len({r["pid"] for r in rows}) > 1:
             retried.append(result.parent.name)
     assert retried, "no trial was running on node_b when it died"
+
+
+@OPT_IN
+def test_a_lost_worker_node_is_waited_for(cluster, config_file, tmp_path):
+    """SIGKILL node_b's raylet mid-run; the run waits, restarts from its last checkpoint once the node is
+    back, and finishes; the store holds one complete model and nothing half-written."""
+    store = str(tmp_path / "models")
+    sid = submit_training(cluster, "lost", store, config_file, epochs=EPOCHS)
+    deadline = time.monotonic() + 420
+    while len(checkpoints(store, "lost")) < 2:
+        assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
+        assert time.monotonic() < deadline, "no checkpoint after 420 s:\n" + logs(cluster, sid)
+        time.sleep(1)
+    killed = cluster.kill_node("node_b")
+    assert killed > 0
+    time.sleep(10)  # the node is gone; the run cannot place its second worker
+    assert job_status(cluster, sid) == "RUNNING"
+    cluster.restart_node("node_b")
+    assert wait_status(cluster, sid, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", logs(cluster, sid)
+    summary = summary_from(logs(cluster, sid))
+    assert summary["epochs_run"] == EPOCHS
+    from densiray.store import Store
+
+    manifest = Store(store).read("lost").manifest  # hashes verified
+    history = manifest["provenance"]["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    assert any(h.get("resumed_from_epoch", 0) > 0 for h in history), history
+    leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert not leftovers
+
+
+def test_zero3_across_nodes_stops_resumes_and_goes_on_elastic_after_a_lost_node(cluster, config_file, tmp_path,
+                                                                              ray_cluster):
+    """One run through the whole cluster path: a 2-worker ZeRO-3 run (``--min-workers 1``) submitted from
+    the checkout, its ranks on the two worker nodes; stopped with the job API at its first checkpoint and
+    submitted again, it resumes; then node_b's raylet is SIGKILLed and stays down, and the run goes on
+    with the worker on node_a from its last checkpoint, resharded for one rank (DeepSpeed's universal
+    checkpoint). It ends where an in-process run of the same config does: every step's gradient is the
+    same at any world size."""
+    store = str(tmp_path / "models")
+    ids = cluster.node_ids()
+    assert set(ids) == {"head", "node_a", "node_b"}, ids
+    scale = ("--zero-stage", "3", "--min-workers", "1")
+
+    # 1. submitted from the checkout; progress shows in `ray job logs`; `ray job stop` stops it
+    first = submit_training(cluster, "cross", store, config_file, epochs=EPOCHS, scale=scale)
+    watch = WorkerNodes(cluster, first)
+    wait_for_epoch(cluster, first, store, "cross", 0)
+    # what `ray job stop` sends (its CLI alone takes seconds to start, time in which a quiet machine trains on)
+    from ray.job_submission import JobSubmissionClient
+
+    assert JobSubmissionClient(cluster.dashboard).stop_job(first)
+    assert wait_status(cluster, first, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
+    text = logs(cluster, first)
+    (tmp_path / "first.log").write_text(text)  # kept by pytest for a look after a failure
+    assert "epoch" in text  # the progress reaches the job's log
+    marker = json.loads(Path(store, ".runs", "cross", "densiray_run.json").read_text())
+    assert marker["done"] is False, "the run finished before the stop reached it"  # stopped, not finished
+    assert "densiray: stopped (SIGTERM); run the same command again to resume" in text, text[-3000:]
+
+    # 2. the same submission again resumes from the last checkpoint; two epochs later node_b dies for good
+    stopped_at = newest_epoch(store, "cross")
+    second = submit_training(cluster, "cross", store, config_file, epochs=EPOCHS, scale=scale)
+    watch.follow(second)
+    wait_for_epoch(cluster, second, store, "cross", stopped_at + 2)
+    assert cluster.kill_node("node_b") > 0  # not brought back: this module's last test
+    assert wait_status(cluster, second, {"SUCCEEDED", "FAILED", "STOPPED"}, 600) == "SUCCEEDED", \
+        logs(cluster, second)
+    worker_nodes = watch.stop()
+    text = logs(cluster, second)
+    (tmp_path / "second.log").write_text(text)
+    assert "resuming unfinished run 'cross'" in text
+    summary = summary_from(text)
+    assert summary["resumed"] is True and summary["epochs_run"] == EPOCHS
+
+    # 3. the two ZeRO-3 ranks ran on the two worker nodes, never on the CPU-less head; then on node_a alone
+    from densiray.store import Store
+
+    manifest = Store(store).read("cross").manifest  # hashes verified
+    assert worker_nodes == {ids["node_a"], ids["node_b"]}, (worker_nodes, ids)
+    history = manifest["provenance"]["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    worlds = [h["world"] for h in history]
+    assert worlds[0] == 2 and worlds[-1] == 1 and worlds == sorted(worlds, reverse=True), worlds
+    assert manifest["provenance"]["strategy"] == "deepspeed" and manifest["provenance"]["zero_stage"] == 3
+    assert manifest["provenance"]["rank_nodes"] == [ids["node_a"]], manifest["provenance"]["rank_nodes"]
+    leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    assert not leftovers
+
+    # 4. the metrics of the same config trained in one process (same global batch, same gradients)
+    from densiray import api
+
+    local = api.train("dnmm", "moons", config=config_file, overrides={"train": {"workers": 0, "epochs": EPOCHS}},
+                      name="cross", store=str(tmp_path / "one-process"), plot=False)
+    assert abs(local["metrics"]["test_log_lik"] - summary["metrics"]["test_log_lik"]) < 0.01, (local, summary)
