@@ -156,16 +156,6 @@ class WorkerNodes:
         return self.nodes
 
 
-def checkpoints(store: str, name: str) -> list[Path]:
-    """The run's checkpoints that are complete (every rank's files written): what a resume can use."""
-    import pyarrow.fs as pafs
-
-    from densiray.train.engine import checkpoint_complete
-
-    fs = pafs.LocalFileSystem()
-    return [p for p in sorted(Path(store, ".runs", name).glob("checkpoint_*")) if checkpoint_complete(fs, str(p))]
-
-
 def newest_epoch(store: str, name: str) -> int:
     """The loop's epoch counter in the run's newest complete checkpoint (-1: none yet)."""
     import pyarrow.fs as pafs
@@ -316,11 +306,7 @@ def test_a_lost_worker_node_is_waited_for(cluster, config_file, tmp_path):
     back, and finishes; the store holds one complete model and nothing half-written."""
     store = str(tmp_path / "models")
     sid = submit_training(cluster, "lost", store, config_file, epochs=EPOCHS)
-    deadline = time.monotonic() + 420
-    while len(checkpoints(store, "lost")) < 2:
-        assert job_status(cluster, sid) in {"PENDING", "RUNNING"}, logs(cluster, sid)
-        assert time.monotonic() < deadline, "no checkpoint after 420 s:\n" + logs(cluster, sid)
-        time.sleep(1)
+    wait_for_epoch(cluster, sid, store, "lost", 2)  # two epochs checkpointed
     killed = cluster.kill_node("node_b")
     assert killed > 0
     time.sleep(10)  # the node is gone; the run cannot place its second worker

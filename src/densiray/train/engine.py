@@ -517,8 +517,7 @@ def _setup(config: dict) -> _Run:
                           f"grad_accum_steps {tc.grad_accum_steps}; lower grad_accum_steps or batch_size")
     bf16 = _bf16(tc, task, on_gpu)
     ema = _make_ema(task, tc, device) if tc.ema_decay is not None else None
-    found = newest_checkpoint(config, local, rank)
-    saved = checkpoint_complete(found.filesystem, found.path) if found is not None else None
+    found, saved = newest_checkpoint(config, local, rank)
     # a ZeRO checkpoint written by another number of ranks (elastic training) is resharded on load
     reshard = bool(saved and strategy == "deepspeed" and stage and saved.get("strategy") == "deepspeed"
                    and saved.get("zero_stage") == stage and int(saved.get("world", 1)) != world)
@@ -815,9 +814,10 @@ def _storage_candidates(config: dict, local: bool) -> list:
     return [(fs, i.path) for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
 
 
-def newest_checkpoint(config: dict, local: bool, rank: int):
-    """The checkpoint to resume from: Ray Train's (or Tune's) registered one, unless storage holds a
-    newer complete one (by optimizer step); None for a fresh run. ``local``: an in-process run."""
+def newest_checkpoint(config: dict, local: bool, rank: int) -> tuple[Any, dict | None]:
+    """The checkpoint to resume from and its loop state (None if incomplete): Ray Train's (or Tune's)
+    registered one, unless storage holds a newer complete one (by optimizer step); (None, None) for a
+    fresh run. ``local``: an in-process run."""
     import ray.train
 
     if local and config.get("tune", False):
@@ -826,18 +826,18 @@ def newest_checkpoint(config: dict, local: bool, rank: int):
         registered = ray.tune.get_checkpoint()
     else:
         registered = ray.train.get_checkpoint()
-    best, best_step = registered, -1
+    best, best_state = registered, None
     if registered is not None:
-        state = checkpoint_complete(registered.filesystem, registered.path)
-        best_step = state["step"] if state else -1
+        best_state = checkpoint_complete(registered.filesystem, registered.path)
+    best_step = best_state["step"] if best_state else -1
     for fs, path in _storage_candidates(config, local):
         state = checkpoint_complete(fs, path)
         if state is not None and state["step"] > best_step:
-            best, best_step = ray.train.Checkpoint(path, filesystem=fs), state["step"]
+            best, best_state, best_step = ray.train.Checkpoint(path, filesystem=fs), state, state["step"]
     if best is not None and best is not registered and rank == 0:
         print(f"densiray: resuming from {best.path} (step {best_step}), newer than Ray Train's registered "
               "checkpoint", flush=True)
-    return best
+    return best, best_state
 
 
 @contextlib.contextmanager
