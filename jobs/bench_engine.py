@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the CPU cases' epochs")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     from densiray.bench.engine import run_benchmark, write_results
 
     only = [c for c in args.cases.split(",") if c] or None

@@ -33,5 +33,10 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 pip install -e ".[test]"
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "densiray setup: building DeepSpeed's CPU op into $VENV/torch_extensions (~40 s, once)" >&2
+  "$VENV/bin/python" -c "from densiray.train.engine import build_cpu_ops; build_cpu_ops()" >/dev/null 2>&1 \
+    || echo "densiray setup: the build failed; DeepSpeed builds it on first use instead" >&2
+fi
 echo "$want" > "$stamp"
 echo "densiray setup: done ($("$VENV/bin/python" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "ray", "deepspeed")))'))" >&2

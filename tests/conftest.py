@@ -1,17 +1,11 @@
 """One real local Ray instance for the whole test session (starting Ray costs ~10 s)."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-# DeepSpeed JIT-builds a CPU op into ~/.cache/torch_extensions. Checkouts with different venvs on one
-# machine rebuild it in turn there, and a build killed midway leaves a lock every later build waits on
-# forever: keep this venv's builds (and Ray workers', which inherit this) in the venv.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

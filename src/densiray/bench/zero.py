@@ -83,6 +83,9 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 def bench_worker(config: dict) -> None:
     """Ray Train worker: build BERT, wrap it with DeepSpeed, take a few steps, report memory and speed."""
+    from densiray.train.engine import jit_build_env
+
+    jit_build_env()
     import deepspeed
     import psutil
     import ray.train

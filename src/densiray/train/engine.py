@@ -80,6 +80,10 @@ DS_DIR = "deepspeed"  # the strategy's own state (DeepSpeed's checkpoint, or the
 COMPLETE = "complete-rank{}.json"
 BYTES_PER_TRAINABLE = 16  # fp32 weight + gradient + AdamW's two moments
 BYTES_PER_FROZEN = 4
+# An elastic run waits this long for a worker group's placement group before it tries again with the
+# workers the cluster has then (Ray Train's default, 60 s, kept a run that had just lost a node waiting
+# a minute for capacity Ray still counted). RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, when set, wins.
+ELASTIC_START_WAIT_S = 15.0
 MEMORY_FRACTION = 0.5  # of one device's memory that weights and optimizer state may take under DDP
 
 
@@ -901,8 +905,39 @@ def _init_distributed(on_gpu: bool) -> bool:
     return True
 
 
+def jit_build_env() -> None:
+    """Make DeepSpeed's JIT-built ops the same build in every process of this environment.
+
+    * They go to ``<venv>/torch_extensions`` (where ``scripts/setup.sh`` builds them once) rather than
+      ``~/.cache/torch_extensions``, which every venv on the machine shares and rebuilds in turn (a
+      build killed midway there leaves a lock every later build waits on). An explicit
+      ``TORCH_EXTENSIONS_DIR`` wins; a read-only environment keeps the default.
+    * They are built by this environment's ``ninja`` (DeepSpeed's dependency) whatever ``PATH`` says:
+      ninja versions record builds differently, so a process that found another ``ninja`` first (a
+      venv used without ``activate``, against a Ray node started from an activated one) rebuilt the op
+      (~40 s) every time the other had.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    bindir = str(Path(sys.prefix) / "bin")
+    ninja = shutil.which("ninja", path=bindir)
+    if ninja and shutil.which("ninja") != ninja:
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")]).rstrip(os.pathsep)
+
+
+def build_cpu_ops() -> None:
+    """Build the CPU op DeepSpeed needs on a CPU-only machine (its shared-memory all-reduce: ~40 s of
+    g++ on 2 cores) now, at set-up, instead of in the first DeepSpeed run."""
+    jit_build_env()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
+
+
 def _deepspeed(on_gpu: bool):
     """DeepSpeed, quiet, with its communication backend on the existing process group."""
+    jit_build_env()
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -1053,12 +1088,19 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
             callbacks=callbacks,
         ),
     )
+    wait_key = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller, which fit() starts
+    short_wait = bool(tc.min_workers) and tc.min_workers < tc.workers and wait_key not in os.environ
+    if short_wait:
+        os.environ[wait_key] = str(ELASTIC_START_WAIT_S)
     try:
         result = trainer.fit()
     except BaseException:  # Ctrl-C, SIGTERM (`ray job stop`): stop now, the checkpoints are safe
         if watcher is not None:
             watcher.stop(wait=False)
         raise
+    finally:
+        if short_wait:
+            os.environ.pop(wait_key, None)
     if watcher is not None:
         watcher.stop()
     checkpoint = result.checkpoint
