@@ -1030,10 +1030,16 @@ class _ProgressWatcher:
 
         while True:
             try:
-                self.callback(self.queue.get(timeout=0.5))
-            except Empty:
-                if self._stop.is_set():
-                    return
+                item = self.queue.get(timeout=0.5)
+            except Exception as e:
+                if isinstance(e, Empty) or isinstance(getattr(e, "cause", None), Empty):  # nothing this half second
+                    if self._stop.is_set():
+                        return
+                    continue
+                return  # the queue is gone (shut down by stop(), or lost with its node): nothing more comes
+                # (retrying here spun a core against the driver's export, which then took tens of seconds)
+            try:
+                self.callback(item)
             except Exception:  # a drawing problem must never stop training
                 logging.getLogger("densiray").debug("progress callback failed", exc_info=True)
 
