@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +238,44 @@ def test_step_generator_depends_on_seed_step_and_micro_step_only():
     assert torch.equal(draw(0, 5, 1), draw(0, 5, 1))
     assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
     assert not torch.equal(draw(0, 5, 0), draw(0, 6, 0)) and not torch.equal(draw(0, 5, 0), draw(1, 5, 0))
+
+
+def test_deepspeed_ops_build_into_the_venv_with_its_own_ninja(monkeypatch):
+    """Every process builds DeepSpeed's JIT ops in the venv with the venv's ninja, whatever PATH says
+    (two ninja versions record a build differently and rebuilt it in turn, ~40 s each time)."""
+    import shutil
+    import sys
+
+    from densiray.train.engine import jit_build_env
+
+    venv_ninja = shutil.which("ninja", path=str(Path(sys.prefix) / "bin"))
+    if venv_ninja is None:
+        pytest.skip("no ninja in this environment's bin")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    jit_build_env()
+    assert shutil.which("ninja") == venv_ninja
+    assert Path(os.environ["TORCH_EXTENSIONS_DIR"]) == Path(sys.prefix) / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # a user's choice wins
+    jit_build_env()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
+
+
+def test_the_progress_thread_ends_when_its_queue_is_gone(ray_cluster):
+    """The driver thread drawing a run's live view stops once the queue is gone (it retried in a loop,
+    a core's worth of Python against the export after training)."""
+    from densiray.train.engine import _ProgressWatcher
+
+    seen = []
+    watcher = _ProgressWatcher(seen.append)
+    watcher.queue.put({"epoch": 0})
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert seen == [{"epoch": 0}]
+    watcher.queue.shutdown(force=True)  # what a lost node, or stop() giving up on the thread, leaves
+    watcher._thread.join(timeout=10)
+    assert not watcher._thread.is_alive()
 
 
 # ---------------------------------------------------------------------------------------------------
