@@ -176,6 +176,11 @@ def wait_for_epoch(cluster, sid: str, store: str, name: str, epoch: int, timeout
         time.sleep(0.5)
 
 
+def half_written(store: str) -> list[str]:
+    """Folders an export left behind in the store (its temporary and replaced copies)."""
+    return [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
 def summary_from(text: str) -> dict:
     """The JSON summary ``train --json`` prints last."""
     start = text.rfind("\n{")
@@ -283,7 +288,8 @@ def test_a_sweep_survives_a_lost_node(cluster, config_file, tmp_path):
             return False
         for result in exp.glob("_trial_*/result.json"):
             rows = result.read_text().splitlines()[:-1]  # the last line may be half-written
-            if len(rows) >= 2 and json.loads(rows[-1])["pid"] in pids and not json.loads(rows[-1]).get("done"):
+            last = json.loads(rows[-1]) if len(rows) >= 2 else None
+            if last and last["pid"] in pids and not last.get("done"):
                 return True
         return False
 
@@ -334,8 +340,7 @@ def test_a_lost_worker_node_is_waited_for(cluster, config_file, tmp_path):
     history = manifest["provenance"]["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS))
     assert any(h.get("resumed_from_epoch", 0) > 0 for h in history), history
-    leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
-    assert not leftovers
+    assert not half_written(store)
 
 
 def test_zero3_across_nodes_stops_resumes_and_goes_on_elastic_after_a_lost_node(cluster, config_file, tmp_path,
@@ -393,8 +398,7 @@ def test_zero3_across_nodes_stops_resumes_and_goes_on_elastic_after_a_lost_node(
     assert worlds[0] == 2 and worlds[-1] == 1 and worlds == sorted(worlds, reverse=True), worlds
     assert manifest["provenance"]["strategy"] == "deepspeed" and manifest["provenance"]["zero_stage"] == 3
     assert manifest["provenance"]["rank_nodes"] == [ids["node_a"]], manifest["provenance"]["rank_nodes"]
-    leftovers = [p.name for p in Path(store).iterdir() if p.name.startswith((".tmp-", ".old-"))]
-    assert not leftovers
+    assert not half_written(store)
 
     # 4. the metrics of the same config trained in one process (same global batch, same gradients)
     from densiray import api

@@ -80,11 +80,11 @@ DS_DIR = "deepspeed"  # the strategy's own state (DeepSpeed's checkpoint, or the
 COMPLETE = "complete-rank{}.json"
 BYTES_PER_TRAINABLE = 16  # fp32 weight + gradient + AdamW's two moments
 BYTES_PER_FROZEN = 4
+MEMORY_FRACTION = 0.5  # of one device's memory that weights and optimizer state may take under DDP
 # An elastic run waits this long for a worker group's placement group before it tries again with the
 # workers the cluster has then (Ray Train's default, 60 s, kept a run that had just lost a node waiting
 # a minute for capacity Ray still counted). RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, when set, wins.
 ELASTIC_START_WAIT_S = 15.0
-MEMORY_FRACTION = 0.5  # of one device's memory that weights and optimizer state may take under DDP
 
 
 class TrainConfig(BaseModel):
@@ -1036,8 +1036,9 @@ class _ProgressWatcher:
                     if self._stop.is_set():
                         return
                     continue
-                return  # the queue is gone (shut down by stop(), or lost with its node): nothing more comes
-                # (retrying here spun a core against the driver's export, which then took tens of seconds)
+                # the queue is gone (shut down by stop(), or lost with its node): nothing more comes, and
+                # retrying here spun a core against the driver's export, which then took tens of seconds
+                return
             try:
                 self.callback(item)
             except Exception:  # a drawing problem must never stop training
