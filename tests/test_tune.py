@@ -14,6 +14,7 @@ import pytest
 
 import densiray
 from densiray.store import Store
+from densiray.train.engine import tune_staging_dir
 from densiray.tune.sweep import tune
 
 DATA = {"n": 600, "model": {"components": 2, "covariance": "full", "integration_samples": 128,
@@ -41,6 +42,10 @@ def test_sweep_finishes_on_two_cpus_and_exports_the_winner_with_provenance(ray_c
     assert "best_val_log_lik" in Path(stored.path, "trials.csv").read_text().splitlines()[0]
     model = densiray.load_model("swept", store=store)
     assert np.isfinite(model.log_prob([[0.5, 0.2], [40.0, -3.0]])).all()
+    # Tune keeps each trial's checkpoints: the engine's staging copies neither pile up in the sweep's folder
+    # (Tune copies the trial folders to storage over and over) nor stay behind in the temp folder
+    assert not list((Path(store) / ".runs" / "tune-swept").rglob("densiray-ckpt-*"))
+    assert not any(os.path.exists(tune_staging_dir(r["trial_id"])) for r in rows)
 
 
 def _finished_trials(exp: Path) -> int:

@@ -995,9 +995,20 @@ def _progress(total: int, initial: int, local: bool):
 # driver side
 
 
+def tune_staging_dir(trial_id: str) -> str:
+    """Where an in-process Tune trial keeps its newest checkpoint between reports (Tune persists each one).
+
+    Not in the trial's own folder: Tune copies that folder to storage over and over, and every epoch's
+    checkpoint piled up there (1.2 GB for one DNMM trial of 70 epochs). A trial removes this folder when
+    it ends; one that ASHA stops is killed first, so the sweep removes the folders of its trials at the end.
+    """
+    return os.path.join(tempfile.gettempdir(), "densiray-trials", trial_id)
+
+
 @dataclass
 class FitResult:
-    """What a finished run left: the best weights, the loop state and where the run lives."""
+    """What a finished run left: the best weights, the loop state and where the run lives (inside a Tune
+    trial with ``workers=0``, Tune's trial holds the checkpoints and the paths name a removed staging folder)."""
 
     best_weights: dict[str, torch.Tensor]
     state: dict
@@ -1078,7 +1089,13 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
         import ray
 
         use_gpu = tc.workers > 0 and ray.cluster_resources().get("GPU", 0) >= 1
-    local_dir = os.path.join(storage, name, "local") if tc.workers == 0 and "://" not in storage else None
+    local_dir = None
+    if tc.workers == 0 and in_tune:
+        import ray.tune
+
+        local_dir = tune_staging_dir(ray.tune.get_context().get_trial_id())
+    elif tc.workers == 0 and "://" not in storage:
+        local_dir = os.path.join(storage, name, "local")
     watcher = _ProgressWatcher(progress) if callable(progress) and not in_tune else None
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -1100,14 +1117,24 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
     if short_wait:
         os.environ[wait_key] = str(ELASTIC_START_WAIT_S)
     try:
+        return _fit_result(trainer, task, watcher, local_dir)
+    finally:
+        if short_wait:
+            os.environ.pop(wait_key, None)
+        if tc.workers == 0 and in_tune:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _fit_result(trainer, task: Task, watcher: _ProgressWatcher | None, local_dir: str | None) -> FitResult:
+    """Run ``trainer`` and read the best weights and loop state from its last checkpoint."""
+    import ray.train
+
+    try:
         result = trainer.fit()
     except BaseException:  # Ctrl-C, SIGTERM (`ray job stop`): stop now, the checkpoints are safe
         if watcher is not None:
             watcher.stop(wait=False)
         raise
-    finally:
-        if short_wait:
-            os.environ.pop(wait_key, None)
     if watcher is not None:
         watcher.stop()
     checkpoint = result.checkpoint

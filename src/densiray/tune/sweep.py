@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +311,10 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     if _interrupted(grid, plan.settings, elapsed):
         raise KeyboardInterrupt  # Tune saved the sweep: the same command resumes it
     rows, curves, exportable = _collect(grid, plan)
+    from densiray.train.engine import tune_staging_dir
+
+    for row in rows:  # what the trials ASHA stopped (killed) left on this node
+        shutil.rmtree(tune_staging_dir(row["trial_id"]), ignore_errors=True)
     trial_id, front = _select(rows, exportable, plan)
     if not trial_id:
         raise _no_winner(rows, plan, elapsed)
