@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -107,12 +106,13 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import densiray.api as dr
+    from densiray.bench import scratch_dir
     from densiray.data.fields import field_statistics
     from densiray.models.diffusion import DEFAULT_CORRECTIONS, DEFAULT_GAMMA
     from densiray.store import load_model
     from densiray.train.diffusion import DiffusionTask
 
-    store = args.store or tempfile.mkdtemp(prefix="densiray-bench-diffusion-")
+    store = args.store or scratch_dir("densiray-bench-diffusion-")
     model_cfg = {"resolution": args.resolution, "base": args.base, "mults": [1, 2, 2], "ema_decay": 0.995,
                  "simulation": SIMULATION}
     t0 = time.perf_counter()

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,7 +80,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sortednet.json"
     results = json.loads(path.read_text()) if path.exists() and not args.quick else {"datasets": {}}
-    storage = args.storage or tempfile.mkdtemp(prefix="densiray-bench-sortednet-")
+    from densiray.bench import scratch_dir
+
+    storage = args.storage or scratch_dir("densiray-bench-sortednet-")
     for ds in args.datasets.split(","):
         s = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SETTINGS[ds].items()}
         if args.quick:

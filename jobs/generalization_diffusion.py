@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,7 +78,9 @@ def main() -> None:
     trajs = rng.permutation(np.unique(groups))
     test_trajs, half_trajs = trajs[:2], (trajs[2:2 + (len(trajs) - 2) // 2], trajs[2 + (len(trajs) - 2) // 2:])
     held_out = fields[np.isin(groups, test_trajs)]
-    work = Path(tempfile.mkdtemp(prefix="densiray-generalization-"))
+    from densiray.bench import scratch_dir
+
+    work = Path(scratch_dir("densiray-generalization-"))
     rows, t_start = [], time.perf_counter()
     for n in args.sizes:
         halves = [pick(fields, groups, half_trajs[h], n, np.random.default_rng([n, h])) for h in (0, 1)]

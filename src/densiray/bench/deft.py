@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from densiray.bench import scratch_dir
 
 TAUS = (0.0, 1e-3, 1e-2)
 TAU = 1e-3  # the headline threshold
@@ -31,7 +32,7 @@ def run_spec(spec: dict, setup: dict, store: str | None = None) -> dict:
     import densiray.api as api
     from densiray.store import Store
 
-    store = store or tempfile.mkdtemp(prefix="densiray-bench-deft-")
+    store = store or scratch_dir("densiray-bench-deft-")
     name = spec_name(spec)
     model = {"model": setup["model"], "peft": spec["method"], "density_weight": float(spec.get("weight", 0.0)),
              "eps": spec.get("eps", 1e-7), "tau": TAU, "relu": bool(spec.get("relu", False)),

@@ -15,13 +15,14 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from densiray.bench import scratch_dir
 
 DATASETS = ["moons", "rings", "checkerboard", "iris", "wine", "breast_cancer", "digits"]
 REFERENCE = {  # DESIGN.md's reference table (KDE, GMM, MAF, NSF), same protocol
@@ -102,7 +103,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
 
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    store = store or tempfile.mkdtemp(prefix="densiray-bench-")
+    store = store or scratch_dir("densiray-bench-")
     previous = json.loads((out / "density.json").read_text()) if (out / "density.json").exists() else {}
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",
                "command": " ".join(["densiray", *sys.argv[1:]] if sys.argv[1:3] == ["bench", "density"]

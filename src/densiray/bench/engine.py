@@ -29,7 +29,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from densiray.bench import scratch_dir
 from densiray.train.task import StepContext, Task
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def run_benchmark(*, repeats: int = 3, only: list[str] | None = None, scale: flo
 
     ensure_ray(log_to_driver=False)
     have_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    storage = tempfile.mkdtemp(prefix="densiray-bench-engine-")
+    storage = scratch_dir("densiray-bench-engine-")
     doc = {"machine": machine(), "repeats": repeats, "interleaved": True, "command": command, "cases": []}
     for case in cases(scale):
         if only and case.name not in only and (have_gpu or case.device != "gpu"):

@@ -154,10 +154,10 @@ def bench_worker(config: dict) -> None:
 def run_one(workers: int, stage: int, offload: bool, precision: str = "fp32", *, steps: int = 3, warmup: int = 1, micro_batch: int = 2,
             seq_len: int = 64, bert: dict | None = None, storage: str | None = None) -> dict:
     """One configuration on ``workers`` Ray Train workers (1 CPU each); returns its measurements."""
-    import tempfile
-
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from densiray.bench import scratch_dir
 
     config = {"stage": stage, "offload": offload, "precision": precision, "steps": steps, "warmup": warmup, "micro_batch": micro_batch,
               "seq_len": seq_len, "bert": bert or BERT_BASE}
@@ -165,7 +165,7 @@ def run_one(workers: int, stage: int, offload: bool, precision: str = "fp32", *,
         bench_worker, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=f"zero-{workers}-{stage}-{int(offload)}-{precision}",
-                                       storage_path=storage or tempfile.mkdtemp(prefix="densiray-zero-")),
+                                       storage_path=storage or scratch_dir("densiray-zero-")),
     )
     fitted = trainer.fit()
     with fitted.checkpoint.as_directory() as d:
