@@ -291,6 +291,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     """
     import densiray.api as api
     from densiray import console
+    from densiray.train.engine import tune_staging_dir
 
     spec = api._merge(api.load_spec(config), {"dataset": dataset, **(overrides or {})})
     plan = _plan(kind, spec, settings, space, name, store)
@@ -311,8 +312,6 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     if _interrupted(grid, plan.settings, elapsed):
         raise KeyboardInterrupt  # Tune saved the sweep: the same command resumes it
     rows, curves, exportable = _collect(grid, plan)
-    from densiray.train.engine import tune_staging_dir
-
     for row in rows:  # what the trials ASHA stopped (killed) left on this node
         shutil.rmtree(tune_staging_dir(row["trial_id"]), ignore_errors=True)
     trial_id, front = _select(rows, exportable, plan)
