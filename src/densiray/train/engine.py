@@ -1089,8 +1089,9 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
         import ray
 
         use_gpu = tc.workers > 0 and ray.cluster_resources().get("GPU", 0) >= 1
+    staged_for_tune = tc.workers == 0 and in_tune  # Tune persists the checkpoints; the staging folder goes at the end
     local_dir = None
-    if tc.workers == 0 and in_tune:
+    if staged_for_tune:
         import ray.tune
 
         local_dir = tune_staging_dir(ray.tune.get_context().get_trial_id())
@@ -1121,7 +1122,7 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
     finally:
         if short_wait:
             os.environ.pop(wait_key, None)
-        if tc.workers == 0 and in_tune:
+        if staged_for_tune:
             shutil.rmtree(local_dir, ignore_errors=True)
 
 
