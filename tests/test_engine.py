@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import densiray
 from densiray.api import RunSpec, build_task, runs_uri
-from densiray.train.engine import TrainConfig, fit
+from densiray.train.engine import TrainConfig, fit, worker_staging_dir
 
 SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
 
@@ -144,6 +144,8 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
     while time.time() < deadline and not _registered_checkpoints(run_dir):
         time.sleep(0.2)
     assert _registered_checkpoints(run_dir), "Ray Train registered no checkpoint within 180 s"
+    staging = Path(worker_staging_dir(runs_uri(store), "flaky"))
+    assert staging.is_dir(), "the workers stage their checkpoints elsewhere"
     import ray
     from ray.util.state import list_actors
 
@@ -160,6 +162,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, store):
     history = out["result"].state["history"]
     assert [h["epoch"] for h in history] == list(range(15))
     assert history[-1]["resumed_from_epoch"] > 0
+    assert not staging.exists(), "a killed worker's staged checkpoint was left in the temp folder"
 
 
 def test_outlier_score_is_calibrated_on_the_fitted_rows(moons_run):

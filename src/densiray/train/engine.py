@@ -52,6 +52,7 @@ with the same name and storage resumes; worker failures are retried (``FailureCo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -733,7 +734,7 @@ def _report_with_checkpoint(run: _Run, state: LoopState, metrics: dict) -> None:
     the checkpoint, in an in-process Tune trial)."""
     import ray.train
 
-    parent = run.config.get("local_dir") if run.local else None
+    parent = run.config.get("local_dir") if run.local else run.config.get("staging_dir")
     if parent:
         os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="densiray-ckpt-", dir=parent)
@@ -1005,6 +1006,14 @@ def tune_staging_dir(trial_id: str) -> str:
     return os.path.join(tempfile.gettempdir(), "densiray-trials", trial_id)
 
 
+def worker_staging_dir(storage: str, name: str) -> str:
+    """Where Ray Train workers write a checkpoint before reporting it (Ray Train then copies it to storage
+    and the worker deletes it). A worker killed in between leaves its copy behind, so ``fit`` removes this
+    folder when the run ends (on the driver's node; one named after the run, so a rerun finds it too)."""
+    key = hashlib.sha1(f"{storage.rstrip('/')}/{name}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "densiray-staging", key)
+
+
 @dataclass
 class FitResult:
     """What a finished run left: the best weights, the loop state and where the run lives (inside a Tune
@@ -1097,10 +1106,12 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
         local_dir = tune_staging_dir(ray.tune.get_context().get_trial_id())
     elif tc.workers == 0 and "://" not in storage:
         local_dir = os.path.join(storage, name, "local")
+    staging_dir = None if local_dir else worker_staging_dir(storage, name)
     watcher = _ProgressWatcher(progress) if callable(progress) and not in_tune else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "train": tc.model_dump(), "local_dir": local_dir, "tune": in_tune,
+                           "staging_dir": staging_dir,
                            "progress": bool(progress) and watcher is None, "run_dir": f"{storage.rstrip('/')}/{name}",
                            "progress_queue": watcher.queue if watcher else None},
         scaling_config=ray.train.ScalingConfig(num_workers=(tc.min_workers, tc.workers) if tc.min_workers
@@ -1122,8 +1133,11 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
     finally:
         if short_wait:
             os.environ.pop(wait_key, None)
-        if staged_for_tune:
-            shutil.rmtree(local_dir, ignore_errors=True)
+        for staged in (local_dir if staged_for_tune else None, staging_dir):
+            if staged:
+                shutil.rmtree(staged, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the shared parent, once no other run uses it
+                    os.rmdir(os.path.dirname(staged))
 
 
 def _fit_result(trainer, task: Task, watcher: _ProgressWatcher | None, local_dir: str | None) -> FitResult:
