@@ -14,7 +14,7 @@ import pytest
 
 import densiray
 from densiray.store import Store
-from densiray.train.engine import tune_staging_dir
+from densiray.train.engine import tune_staging_dir, worker_staging_dir
 from densiray.tune.sweep import tune
 
 DATA = {"n": 600, "model": {"components": 2, "covariance": "full", "integration_samples": 128,
@@ -46,6 +46,20 @@ def test_sweep_finishes_on_two_cpus_and_exports_the_winner_with_provenance(ray_c
     # (Tune copies the trial folders to storage over and over) nor stay behind in the temp folder
     assert not list((Path(store) / ".runs" / "tune-swept").rglob("densiray-ckpt-*"))
     assert not any(os.path.exists(tune_staging_dir(r["trial_id"])) for r in rows)
+
+
+def test_trials_with_their_own_train_worker_groups_report_to_tune_and_leave_nothing_behind(ray_cluster, store):
+    """workers_per_trial >= 1: each trial launches a Ray Train worker group (DeepSpeed on CPU) whose epochs
+    reach Tune through TuneReportCallback; the winner is exported like an in-process trial's."""
+    s = tune("dnmm", "moons", overrides=DATA, space={"model.hidden": {"choice": [8, 16]}},
+             settings={"trials": 2, "epochs": 2, "grace_period": 1, "workers_per_trial": 1, "cpus_per_trial": 0.9},
+             name="grouped", store=store)
+    assert s["trials"] == 2 and s["errored"] == 0 and s["concurrent_trials"] == 2
+    rows = Store(store).read("grouped").manifest["provenance"]["trials"]
+    assert all(r["epochs"] in (1, 2) and np.isfinite(r["best_val_log_lik"]) for r in rows)
+    assert np.isfinite(densiray.load_model("grouped", store=store).log_prob([[0.5, 0.2]])).all()
+    runs = Path(store) / ".runs" / "tune-grouped"
+    assert not any(os.path.exists(worker_staging_dir(f"{runs}/train/{r['trial_id']}", "run")) for r in rows)
 
 
 def _finished_trials(exp: Path) -> int:

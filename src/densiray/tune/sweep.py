@@ -74,6 +74,7 @@ def _trial(params: dict, *, task, train: dict, storage: str) -> None:
     tc = TrainConfig(**{**train, **params.get("train", {})})
     ctx = ray.tune.get_context()
     run_storage = os.path.join(ctx.get_trial_dir(), "engine") if tc.workers == 0 else f"{storage}/{ctx.get_trial_id()}"
+    # (tune() removes worker_staging_dir(run_storage, "run") of every trial at the end)
     fit(trial_task, tc, name="run", storage=run_storage, progress=False)
 
 
@@ -232,9 +233,24 @@ def _collect(grid, plan: Plan) -> tuple[list[dict], dict[str, list[float]], dict
         df = r.metrics_dataframe
         if df is not None and plan.task.metric in df:
             curves[tid] = [float(v) for v in df[plan.task.metric]]
-        if r.checkpoint is not None and values[plan.metric] is not None:
+        if _checkpoint(r, plan) is not None and values[plan.metric] is not None:
             results[tid] = r
     return rows, curves, results
+
+
+def _checkpoint(result, plan: Plan):
+    """A trial's newest checkpoint: Tune's for an in-process trial; for a trial that launched a Ray Train
+    worker group, the one Ray Train persisted (TuneReportCallback forwards only its path, as a metric)."""
+    if result.checkpoint is not None:
+        return result.checkpoint
+    reported = (result.metrics or {}).get("checkpoint_path")
+    if not reported:
+        return None
+    import ray.train
+
+    tid = result.metrics.get("trial_id")
+    path = f"{plan.path}/train/{tid}/run/{Path(reported).name}"  # the same folder, with the storage's scheme
+    return ray.train.Checkpoint(path) if "://" in path or os.path.isdir(path) else None
 
 
 def pareto_front(rows: list[dict], objectives: list[tuple[str, str]]) -> list[dict]:
@@ -291,7 +307,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     """
     import densiray.api as api
     from densiray import console
-    from densiray.train.engine import tune_staging_dir
+    from densiray.train.engine import tune_staging_dir, worker_staging_dir
 
     spec = api._merge(api.load_spec(config), {"dataset": dataset, **(overrides or {})})
     plan = _plan(kind, spec, settings, space, name, store)
@@ -314,6 +330,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     rows, curves, exportable = _collect(grid, plan)
     for row in rows:  # what the trials ASHA stopped (killed) left on this node
         shutil.rmtree(tune_staging_dir(row["trial_id"]), ignore_errors=True)
+        shutil.rmtree(worker_staging_dir(f"{plan.path}/train/{row['trial_id']}", "run"), ignore_errors=True)
     trial_id, front = _select(rows, exportable, plan)
     if not trial_id:
         raise _no_winner(rows, plan, elapsed)
@@ -346,7 +363,7 @@ def _export_winner(plan: Plan, result, trial_id: str, rows, curves, front, elaps
     from densiray.train.engine import TrainConfig
 
     st = plan.settings
-    with result.checkpoint.as_directory() as d:
+    with _checkpoint(result, plan).as_directory() as d:
         weights = load_file(os.path.join(d, "best.safetensors"))
     winner = plan.task.with_model(result.config.get("model", {}))
     winner_tc = TrainConfig(**{**plan.train.model_dump(), **result.config.get("train", {})})
