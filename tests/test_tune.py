@@ -62,6 +62,18 @@ def test_trials_with_their_own_train_worker_groups_report_to_tune_and_leave_noth
     assert not any(os.path.exists(worker_staging_dir(f"{runs}/train/{r['trial_id']}", "run")) for r in rows)
 
 
+def test_refit_retrains_the_winner_on_train_and_validation_rows_for_its_best_epochs(ray_cluster, store):
+    data = {**DATA, "model": {**DATA["model"], "min_gain_se": 0}}  # any gain selects an epoch: the refit trains
+    tune("dnmm", "moons", overrides=data, space={"model.hidden": {"choice": [8, 16]}, "train.lr": {"choice": [0.01]}},
+         settings={"trials": 2, "epochs": 3, "grace_period": 3, "refit": True}, name="refitted", store=store)
+    m = Store(store).read("refitted").manifest
+    refit, best_epoch = m["provenance"]["refit"], m["provenance"]["best_epoch"]
+    assert refit["rows"] == "train+validation" and refit["epochs"] == best_epoch + 1 >= 1
+    # the exported model is the retrained one, not the trial's: other weights, another test score
+    assert m["metrics"]["test_log_lik"] != pytest.approx(refit["before_refit"]["test_log_lik"], abs=1e-6)
+    assert np.isfinite(densiray.load_model("refitted", store=store).log_prob([[0.5, 0.2]])).all()
+
+
 def _finished_trials(exp: Path) -> int:
     done = 0
     for result in exp.glob("_trial_*/result.json"):
