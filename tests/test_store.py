@@ -384,3 +384,24 @@ def test_version_changes_when_a_model_is_exported_again(tmp_path: Path) -> None:
     assert first is not None and store.version("m1") == first
     export(store, "m1", seed=1)
     assert store.version("m1") not in (None, first)
+
+
+def test_a_run_folder_resumes_only_an_unfinished_run_with_the_same_settings(tmp_path: Path) -> None:
+    from densiray import runs
+    from densiray.errors import ConfigError
+
+    path = str(tmp_path / ".runs" / "r")
+    assert runs.prepare(path, "a", restart=False, resumable=lambda: True) == "new"
+    Path(path, "checkpoint_0").mkdir()
+    assert runs.prepare(path, "a", restart=False, resumable=lambda: True) == "resume"
+    assert Path(path, "checkpoint_0").is_dir()  # a resume keeps what the run has
+    with pytest.raises(ConfigError, match="different settings"):
+        runs.prepare(path, "b", restart=False, resumable=lambda: True)
+    assert Path(path, "checkpoint_0").is_dir()  # a refusal loses nothing
+    # nothing to resume from, an explicit restart, a finished run: a fresh, empty folder
+    assert runs.prepare(path, "b", restart=False, resumable=lambda: False) == "restart"
+    Path(path, "checkpoint_0").mkdir()
+    assert runs.prepare(path, "c", restart=True, resumable=lambda: True) == "restart"
+    assert not Path(path, "checkpoint_0").exists()
+    runs.finish(path, "c")
+    assert runs.prepare(path, "c", restart=False, resumable=lambda: True) == "restart"
