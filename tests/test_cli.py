@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import densiray
 from densiray.cli import main
 
 SMALL_YAML = """
@@ -102,6 +103,23 @@ def test_bad_arguments_give_one_line_and_exit_2(capsys, args, expected, store):
     assert main(["train", "dnmm", *args, "--store", store]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("densiray: error:") and "\n" not in err and expected in err
+
+
+@pytest.mark.parametrize("command", ["serve", "quickstart"])
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_a_port_that_is_not_one_is_refused_before_anything_starts(capsys, command, port):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--port", port])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("densiray: error: argument --port:") and "\n" not in err and "1 to 65535" in err
+
+
+def test_the_python_serve_api_refuses_a_port_that_is_not_one():
+    from densiray.serve import start
+
+    with pytest.raises(densiray.DensirayError, match="not a TCP port"):
+        start(port=70000)
 
 
 def test_more_workers_than_cpus_is_refused_not_left_waiting(ray_cluster, capsys, store, monkeypatch):

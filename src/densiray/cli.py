@@ -181,6 +181,17 @@ def _quickstart(args) -> int:
     return 0
 
 
+def _port(value: str) -> int:
+    """A TCP port for argparse: an integer in 1..65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port: give an integer from 1 to 65535")
+    return port
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``densiray: error: ...``, exit 2), like every other failure."""
 
@@ -270,7 +281,7 @@ def _serve_parsers(sub) -> None:
     s = sub.add_parser("serve", help="serve the store's models over HTTP with Ray Serve (until Ctrl-C)")
     s.add_argument("--store", help=STORE_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--replicas", type=int, default=1, help="Serve replicas (each takes 0.5 CPU)")
     s.add_argument("--max-replicas-per-node", type=int,
                    help="spread the replicas over nodes, at most this many on one (1: a lost node costs one)")
@@ -289,7 +300,7 @@ def _serve_parsers(sub) -> None:
     q.add_argument("--time-budget-s", type=float, default=300, help="stop starting trials after this many seconds")
     q.add_argument("--n", type=int, help="rows of a synthetic dataset (default 4000)")
     q.add_argument("--host", default="127.0.0.1")
-    q.add_argument("--port", type=int, default=8000)
+    q.add_argument("--port", type=_port, default=8000)
     q.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
     q.set_defaults(func=_quickstart)
 

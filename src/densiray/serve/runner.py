@@ -133,6 +133,8 @@ def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, r
     ``settings`` are further :class:`~densiray.serve.settings.ServeSettings` (e.g. ``max_rows=1000``,
     ``replica_cpus=0.25``). Returns once the app answers ``GET /healthz``.
     """
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise DensirayError(f"port {port!r} is not a TCP port: give an integer from 1 to 65535")
     if batching is not None:  # None: the settings' default
         settings["batching"] = batching
     resolved = ServeSettings.parse({"store": store, "replicas": replicas, **settings})
