@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from densiray import __version__, console
@@ -166,8 +167,11 @@ def _serve(args) -> int:
 
         print(f"densiray: {'SIGTERM received, ' if console.terminated else ''}stopping Serve", flush=True)
         if ray.is_initialized():
-            ds.shutdown()
-            ray.shutdown()  # a local Ray started here stops; a cluster's (RAY_ADDRESS) is only disconnected
+            # Ray relays a benign "ServeController.graceful_shutdown failed ... killed by ray.kill" notice
+            # while Serve stops; it stays in Ray's own logs, off the console
+            with console.stdout_to(os.devnull):
+                ds.shutdown()
+                ray.shutdown()  # a local Ray started here stops; a cluster's (RAY_ADDRESS) is only disconnected
         print("densiray: stopped", flush=True)
     return 0
 
