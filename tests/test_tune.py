@@ -143,6 +143,15 @@ def test_bad_search_space_or_budget_gives_one_line(tmp_path, capsys, monkeypatch
     assert len(lines) == 1 and lines[0].startswith("densiray: error:") and message in lines[0], lines
 
 
+def test_refit_in_a_family_that_cannot_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch):
+    from densiray.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there: the refusal comes before Ray
+    rc = main(["tune", "sortednet", "--dataset", "digits", "--refit", "--store", str(tmp_path / "m")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "sortednet cannot refit on its validation rows" in lines[0], lines
+
+
 def test_a_family_tunes_with_its_own_sweep_defaults_unless_the_user_sets_them(store):
     from densiray import families
     from densiray.api import RunSpec

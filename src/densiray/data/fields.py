@@ -187,7 +187,7 @@ def _simulate(config: KolmogorovConfig, n: int, r: int, progress: bool):
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"kolmogorov {n}² -> {r}²", unit="step", mininterval=1.0, leave=False)
+        bar = tqdm(total=total, desc=f"kolmogorov {n}² -> {r}²", unit="step", mininterval=1.0, leave=False, disable=None)
     step = 0
     with torch.no_grad():
         while step < total:

@@ -312,7 +312,7 @@ def sample(denoise: Denoiser, shape: tuple, *, steps: int = 32, sigma_min: float
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="sampling", unit="step", leave=False)
+        it = tqdm(it, desc="sampling", unit="step", leave=False, disable=None)  # None: off where stderr is not a terminal
     for i in it:
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         s_hat = s * (1 + gamma) if gamma > 0 else s

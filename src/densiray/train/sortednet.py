@@ -470,7 +470,8 @@ class SortedNetTask(Task):
         lat_n = min(self.config.latency_batch, len(self.test_data["labels"]))
         lat_batch = self._trim({k: v[:lat_n] for k, v in self.test_data.items() if k != "labels"})
         rows = []
-        for spec in tqdm(model.grid, desc="sub-models", unit="model", leave=False, mininterval=2):
+        for spec in tqdm(model.grid, desc="sub-models", unit="model", leave=False, mininterval=2,
+                         disable=None):
             name = spec_name(spec)
             rows.append({"name": name, "layers": spec["layers"], "width": spec["width"], "heads": spec.get("heads"),
                          **model.count_params(spec), "flops": flops_of(model, spec),
@@ -581,7 +582,7 @@ def summary_lines(m: dict) -> list[tuple[str, str]]:
                        f"{_fmt(m.get('smallest_accuracy'))}"),
         ("cost", f"full model {m.get('flops_full', 0) / 1e6:.2f} MFLOPs per {m.get('flops_per')}, "
                  f"{m.get('params_full')} parameters; K={m.get('samples_per_step')} ({m.get('sampling')}), "
-                 f"distillation {m.get('distill_weight')}"),
+                 f"distillation weight {m.get('distill_weight') or 0:.3g}"),
     ]
 
 

@@ -127,6 +127,7 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
     from densiray import families
     from densiray.store import check_name
     from densiray.train.engine import TrainConfig
+    from densiray.train.task import Task
 
     family = families.get(kind)
     try:
@@ -140,6 +141,8 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
     if search is not None:  # before the data: nothing in a model config's validation depends on it
         validate_space(search, family.config_class(), TrainConfig, dict(spec.model), tc.model_dump())
     task = api.build_task(kind, spec)
+    if st.refit and type(task).with_validation_rows is Task.with_validation_rows:
+        raise ConfigError(f"{kind} cannot refit on its validation rows; leave tune.refit (--refit) off")
     search = search or family.space(task)
     if search is None:
         raise ConfigError(f"{kind} has no default search space; pass one with --space FILE.yaml")
