@@ -144,6 +144,36 @@ def test_cli_trains_deft_on_a_csv_and_the_model_classifies(ray_cluster, tiny, tm
     assert any(line.startswith("peft       lora, density weight 0.5") for line in out), out
 
 
+def test_tune_deft_searches_its_default_space_and_exports_a_pareto_winner(ray_cluster, tiny, tmp_path):
+    from densiray.store import Store
+    from densiray.tune.sweep import tune
+
+    store = str(tmp_path / "models")
+    model = {"model": tiny["bert"], "max_length": 16}
+    s = tune("deft", tiny["csv"], overrides={"model": model}, settings={"trials": 2, "epochs": 1},
+             name="deft-tuned", store=store)
+    assert s["trials"] == 2 and s["errored"] == 0
+    m = Store(store).read("deft-tuned").manifest
+    rows = m["provenance"]["trials"]
+    assert len({r["model.density_weight"] for r in rows}) == 2  # each trial trained its own configuration
+    winner = next(r for r in rows if r["trial_id"] == s["trial_id"])
+    assert m["config"]["model"]["density_weight"] == pytest.approx(winner["model.density_weight"])
+    assert m["config"]["model"]["peft"] == winner["model.peft"]
+    assert {"pareto.csv", "pareto.png", "tune.png"} <= set(m["files"])
+    assert densiray.load_model("deft-tuned", store=store).predict(["great taste"])["labels"][0] in ("great", "other")
+
+
+def test_a_deft_trial_cannot_change_the_data_or_the_base_model(tiny):
+    task = _task(tiny, "bert", "lora")
+    assert task.with_model({"density_weight": 0.2}).config.density_weight == 0.2
+    assert task.config.density_weight == 0.5  # the sweep's task is untouched
+    for key, value in (("max_length", 8), ("model", tiny["t5"]), ("labels", ["a", "b"])):
+        with pytest.raises(ConfigError, match="a sweep cannot vary"):
+            task.with_model({key: value})
+    with pytest.raises(ConfigError, match="virtual tokens exceeds"):
+        task.with_model({"peft": "prefix", "num_virtual_tokens": 60})
+
+
 # ---------------------------------------------------------------------------------------------------
 # the density loss lowers the density (plain PyTorch, same seed and budget)
 

@@ -8,6 +8,7 @@ model's identity, and ``densiray.load_model`` rebuilds the classifier from them.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 
@@ -65,7 +66,7 @@ class DEFTTask(Task):
         if unknown:
             raise DataError(f"labels {unknown[:5]} of {data.name} are not in model.labels {labels}; "
                             "add them or leave model.labels unset")
-        self.config, self.labels, self.arch = config, list(labels), arch
+        self.config, self.labels, self.arch, self.position_limit = config, list(labels), arch, limit
         # Build the model once here so that a bad option fails before any worker starts.
         probe = DEFTClassifier(config, self.labels, init_seed=0)
         self.base = probe.describe_base()
@@ -89,6 +90,20 @@ class DEFTTask(Task):
     def describe(self) -> dict:
         return {"kind": self.kind, "dataset": self.dataset, "model": self.config.model_dump(), "labels": self.labels,
                 "base": {k: self.base[k] for k in ("model", "model_type", "arch", "fingerprint")}}
+
+    def with_model(self, overrides: dict) -> DEFTTask:
+        """The same tokenized data with ``overrides`` merged into the model config (one Tune trial)."""
+        changed = {"model", "arch", "max_length", "labels", "label_words"} & set(overrides)
+        if changed:
+            raise ConfigError(f"a sweep cannot vary {sorted(changed)} (they change the data or the base model)")
+        config = DEFTConfig(**{**self.config.model_dump(), **overrides})
+        extra = config.num_virtual_tokens if config.peft in ("prefix", "prompt") else 0
+        if self.arch == "encoder" and self.position_limit and config.max_length + extra > self.position_limit:
+            raise ConfigError(f"max_length {config.max_length} + {extra} virtual tokens exceeds the model's "
+                              f"{self.position_limit} positions; lower max_length or num_virtual_tokens")
+        new = copy.copy(self)
+        new.config, new._final = config, None
+        return new
 
     # -- engine side ----------------------------------------------------------------------------------
 
@@ -219,7 +234,7 @@ def summary_lines(m: dict) -> list[tuple[str, str]]:
         ("density", f"{_fmt(m.get('density'))} of MLP activations with |a| > {m.get('tau')} "
                     f"({_fmt(m.get('nonzero'))} non-zero), per layer "
                     + " ".join(f"{v:.2f}" for v in m.get("density_per_layer", []))),
-        ("peft", f"{m.get('peft')}, density weight {m.get('density_weight')}, "
+        ("peft", f"{m.get('peft')}, density weight {m.get('density_weight') or 0:.3g}, "
                  f"{m.get('trainable_params')} trainable of {m.get('total_params')} parameters"),
     ]
 
