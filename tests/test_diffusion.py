@@ -206,6 +206,21 @@ def _train(store, workers: int, name: str, **train):
         "train": {"epochs": 2, "workers": workers, "batch_size": 8, "zero_stage": 1, "lr": 1e-3, **train}})
 
 
+def test_tune_diffusion_exports_the_trial_with_the_lowest_validation_loss(ray_cluster, store, cache):
+    from densiray.store import Store
+    from densiray.tune.sweep import tune
+
+    sim = {k: v for k, v in TINY_SIM.items() if k != "resolution"}
+    s = tune("diffusion", "kolmogorov", overrides={"model": {"resolution": 16, "mults": [1, 2], "simulation": sim}},
+             space={"model.base": {"choice": [8, 16]}, "train.lr": {"loguniform": [1e-4, 3e-3]}},
+             settings={"trials": 2, "epochs": 2}, name="kolmo-tuned", store=store)
+    assert s["trials"] == 2 and s["errored"] == 0
+    m = Store(store).read("kolmo-tuned").manifest
+    rows = m["provenance"]["trials"]
+    best = min(rows, key=lambda r: r["best_val_loss"])  # diffusion minimises its metric
+    assert s["trial_id"] == best["trial_id"] and m["config"]["model"]["base"] == best["model.base"]
+
+
 def test_train_export_load_and_condition(ray_cluster, store, cache, tmp_path):
     from densiray.store import load_model
 
