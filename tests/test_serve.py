@@ -228,6 +228,9 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
     text = out + rest
     assert proc.returncode == 0, text[-3000:]
     assert "densiray: stopped" in rest and "Traceback" not in text and "PC: @" not in text, text[-3000:]
+    # the console shows densiray's lines only: no Serve INFO naming its internal proxy port, no Ray notice
+    # such as "ServeController.graceful_shutdown failed" while Serve stops
+    assert " INFO " not in text and "graceful_shutdown" not in text, text[-3000:]
     # answered up to the signal; while the app drains, new requests get the proxy's 404; never a 5xx
     assert statuses and statuses[0] == 200 and max(statuses) < 500, statuses
     if not own_ray:

@@ -145,10 +145,16 @@ def _serve_example(url: str, store: str | None) -> str:
 def _serve(args) -> int:
     """Start the Serve app, print its URL and a curl example, block until Ctrl-C or SIGTERM, then stop:
     Serve drains the requests in flight (its graceful replica shutdown), then Serve and Ray shut down."""
+    import logging
     import time
 
     import densiray.serve as ds
     from densiray.store import Store
+
+    if not args.verbose:
+        # Serve's driver-side INFO lines name its internal proxy port ("ready at http://127.0.0.1:60489/")
+        # and say new http_options "will not be applied": both wrong for the URL printed below
+        logging.getLogger("ray.serve").addFilter(lambda record: record.levelno >= logging.WARNING)
 
     store = Store(args.store)
     try:
@@ -294,6 +300,7 @@ def _serve_parsers(sub) -> None:
     s.add_argument("--ingress", choices=["auto", "direct", "proxy"],
                    help="who answers on the port: the replica itself (direct; default with one local replica) "
                         "or Serve's proxy")
+    s.add_argument("--verbose", action="store_true", help="show Ray Serve's own INFO lines")
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("quickstart", help="tune a DNMM, serve the winner on Ray Serve, query it; all on a local Ray")
