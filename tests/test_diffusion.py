@@ -259,3 +259,17 @@ def test_train_export_load_and_condition(ray_cluster, store, cache, tmp_path):
 def test_train_on_two_ray_workers(ray_cluster, store, cache):
     summary = _train(store, 2, "kolmo2", cpus_per_worker=1)
     assert summary["epochs_run"] == 2 and math.isfinite(summary["metrics"]["test_loss"])
+
+
+def test_a_sensors_file_may_have_a_header_row(tmp_path):
+    from densiray.condition import read_array
+
+    with_header, plain = tmp_path / "a.csv", tmp_path / "b.csv"
+    with_header.write_text("i,j,value\n1,2,0.5\n3,3,-0.1\n")
+    plain.write_text("1,2,0.5\n3,3,-0.1\n")
+    assert read_array(str(with_header), "sensors").tolist() == read_array(str(plain), "sensors").tolist() == \
+        [[1, 2, 0.5], [3, 3, -0.1]]
+    bad = tmp_path / "c.csv"
+    bad.write_text("i,j,value\n1,x,0.5\n")
+    with pytest.raises(DataError, match="cannot read sensors file"):
+        read_array(str(bad), "sensors")

@@ -46,8 +46,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return c
 
 
+def _numbers(cells: list[str]) -> bool:
+    try:
+        [float(c) for c in cells]
+    except ValueError:
+        return False
+    return True
+
+
 def read_array(path: str, what: str) -> np.ndarray:
-    """A numeric array from .npy, .npz (its only array, or 'x'/'fields'/'data') or .csv/.txt."""
+    """A numeric array from .npy, .npz (its only array, or 'x'/'fields'/'data') or .csv/.txt (a first line
+    that is not all numbers, such as ``i,j,value``, is a header)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such {what} file: {path}")
@@ -61,7 +70,10 @@ def read_array(path: str, what: str) -> np.ndarray:
                 if key is None:
                     raise DataError(f"{path}: the .npz holds several arrays ({', '.join(keys)}); keep one")
                 return z[key]
-        return np.loadtxt(p, delimiter="," if p.suffix == ".csv" else None, ndmin=2)
+        delimiter = "," if p.suffix == ".csv" else None
+        with open(p) as f:
+            first = f.readline().split(delimiter)
+        return np.loadtxt(p, delimiter=delimiter, ndmin=2, skiprows=0 if _numbers(first) else 1)  # a header
     except DataError:
         raise
     except Exception as e:
