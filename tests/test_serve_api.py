@@ -9,8 +9,10 @@ density routes against the loaded model.
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import ClassVar
 
@@ -449,7 +451,8 @@ def _schemathesis_schema():
 
     from densiray.serve.plain import plain_app
 
-    root = Path(__import__("tempfile").mkdtemp(prefix="densiray-schemathesis-"))
+    root = Path(tempfile.mkdtemp(prefix="densiray-schemathesis-"))
+    atexit.register(shutil.rmtree, root, True)  # the schema is built at import: removed when pytest exits
     families.register(Family(kind=KIND, task=object, loader=load_toy, model_config=dict))
     store = str(root / "models")
     export_toy(store, "dens", "density", dim=2)
