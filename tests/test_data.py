@@ -422,3 +422,16 @@ def test_import_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_label_column_may_be_taken_out_of_the_features_as_strings(tmp_path):
+    rows = "".join(f"{i},{i % 3},{'yes' if i % 2 else 'no'}\n" for i in range(40))
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,Label\n" + rows)
+    ds = load_dataset(str(path), label_columns=("label",))
+    assert ds.columns == ["a", "b"] and ds.x.shape == (40, 2) and ds.labels[:3] == ["no", "yes", "no"]
+    with pytest.raises(DataError, match="non-numeric columns: 'Label'"):  # without label_columns: features only
+        load_dataset(str(path))
+    path.write_text("a,b,label\n" + rows + "1,2,\n")
+    with pytest.raises(DataError, match="the label column 'label' is empty at 1 row"):
+        load_dataset(str(path), label_columns=("label",))

@@ -355,3 +355,15 @@ def test_default_search_space_validates_and_trials_apply_it():
     assert trial.config.samples_per_step == 4 and trial.train_data is task.train_data  # same data, shared
     with pytest.raises(ConfigError, match="cannot vary"):
         task.with_model({"hidden": 8})
+
+
+def test_a_row_file_may_name_its_classes_with_strings_or_numbers(tmp_path):
+    from densiray.train.sortednet import load_rows
+
+    words, numbers = tmp_path / "w.csv", tmp_path / "n.csv"
+    words.write_text("a,b,class\n" + "".join(f"{i},{-i},{['cat', 'dog', 'ant'][i % 3]}\n" for i in range(45)))
+    numbers.write_text("a,b,y\n" + "".join(f"{i},{-i},{[10, 2, 1][i % 3]}\n" for i in range(45)))
+    x, y, names, _ = load_rows(str(words), 0)
+    assert x.shape == (45, 2) and names == ["ant", "cat", "dog"] and y[:3].tolist() == [1, 2, 0]
+    x, y, names, _ = load_rows(str(numbers), 0)
+    assert names == ["1", "2", "10"] and y[:3].tolist() == [2, 1, 0]  # numbers sort as numbers

@@ -43,6 +43,8 @@ class Dataset:
     """The ``d`` column names."""
     source: str
     """Where the data came from, e.g. ``sklearn.datasets.load_iris`` or ``file /abs/path.csv``."""
+    labels: list[str] | None = None
+    """With ``load_dataset(..., label_columns=...)``: the label column's values as strings (not in ``x``)."""
 
     @property
     def n(self) -> int:
@@ -181,6 +183,20 @@ def _example_value(column: pd.Series) -> str:
     return f"e.g. {value[:30]!r}"
 
 
+def _pop_labels(frame: pd.DataFrame, label: str, label_columns: tuple[str, ...]) -> tuple[pd.DataFrame, list[str] | None]:
+    """``frame`` without its first column named like one of ``label_columns`` (any case), and that column's
+    values as strings (numbers as written by ``str``); None when there is no such column."""
+    col = next((c for c in frame.columns if str(c).lower() in label_columns), None)
+    if col is None:
+        return frame, None
+    values = frame[col]
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if missing.size:
+        raise _error(f"{label}: the label column {str(col)!r} is empty at {missing.size} row"
+                     f"{'s' if missing.size > 1 else ''} (first at row {int(missing[0])}, counting from 0)")
+    return frame.drop(columns=[col]), [str(v) for v in values.tolist()]
+
+
 def _frame_to_array(frame: pd.DataFrame, label: str) -> tuple[np.ndarray, list[str]]:
     """Float64 matrix and column names of ``frame``; DataError if a column holds non-numbers.
 
@@ -207,15 +223,17 @@ def _frame_to_array(frame: pd.DataFrame, label: str) -> tuple[np.ndarray, list[s
     return frame.to_numpy(dtype=np.float64, na_value=np.nan), [str(c) for c in frame.columns]
 
 
-def _read_table(path: str, sep: str, label: str) -> tuple[np.ndarray, list[str] | None]:
+def _read_table(path: str, sep: str, label: str, label_columns: tuple[str, ...] = ()
+                ) -> tuple[np.ndarray, list[str] | None, list[str] | None]:
     """Read a CSV/TSV; the first row is a header if any of its cells is not a number."""
     import pandas as pd
 
     first = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str).iloc[0]
     has_header = bool((first.notna() & pd.to_numeric(first, errors="coerce").isna()).any())
     frame = pd.read_csv(path, sep=sep, header=0 if has_header else None)
+    frame, labels = _pop_labels(frame, label, label_columns) if has_header else (frame, None)
     x, columns = _frame_to_array(frame, label)
-    return x, columns if has_header else None
+    return x, columns if has_header else None, labels
 
 
 def _read_npy(path: str, label: str) -> np.ndarray:
@@ -233,7 +251,8 @@ def _read_npy(path: str, label: str) -> np.ndarray:
     return x[:, None] if x.ndim == 1 else x
 
 
-def _load_file(path: str) -> _Loaded:
+def _load_file(path: str, label_columns: tuple[str, ...] = ()) -> tuple[np.ndarray, list[str] | None, str,
+                                                                       list[str] | None]:
     """Read a user file by extension; parser failures become one-line DataErrors."""
     full = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(full):
@@ -247,22 +266,23 @@ def _load_file(path: str) -> _Loaded:
     if os.path.isfile(full) and os.path.getsize(full) == 0:
         raise _error(f"{kind} file {path!r} is empty; give a file with data rows")
     label = f"{kind} file {path!r}"
-    columns = None
+    columns = labels = None
     try:
         if ext == ".npy":
             x = _read_npy(full, label)
         elif kind == "Parquet":
             import pandas as pd
 
-            x, columns = _frame_to_array(pd.read_parquet(full), label)
+            frame, labels = _pop_labels(pd.read_parquet(full), label, label_columns)
+            x, columns = _frame_to_array(frame, label)
         else:
-            x, columns = _read_table(full, "\t" if ext == ".tsv" else ",", label)
+            x, columns, labels = _read_table(full, "\t" if ext == ".tsv" else ",", label, label_columns)
     except DataError:
         raise
     except Exception as exc:  # any parser failure: report the parser's reason
         reason = str(exc) or type(exc).__name__
         raise _error(f"cannot read {label}: {reason}; check that it is a valid {kind} file") from exc
-    return x, columns, f"file {full}"
+    return x, columns, f"file {full}", labels
 
 
 # --- loading and checks ------------------------------------------------------------------------
@@ -299,13 +319,16 @@ def _check_int(value: object, what: str, low: int) -> int:
 
 
 def load_dataset(
-    name_or_path: str | os.PathLike[str], *, seed: int = 0, n: int | None = None, min_rows: int = 30
+    name_or_path: str | os.PathLike[str], *, seed: int = 0, n: int | None = None, min_rows: int = 30,
+    label_columns: tuple[str, ...] = (),
 ) -> Dataset:
     """Load a registry dataset by name, or a user file by path.
 
     ``seed`` drives dequantization noise (diabetes, digits) and synthetic draws; ``n`` sets the
     number of synthetic points (default 4000) and is refused for other datasets. The result has at
-    least ``min_rows`` rows, at least one column and no NaN/inf, else DataError.
+    least ``min_rows`` rows, at least one column and no NaN/inf, else DataError. ``label_columns``
+    (lower-case names): a file's first column so named is taken out of ``x`` into ``labels`` as strings,
+    so that class labels need not be numbers.
     """
     name = os.fspath(name_or_path)
     seed = _check_int(seed, "seed", 0)
@@ -321,6 +344,7 @@ def load_dataset(
             f"n={n!r} only applies to the synthetic datasets ({', '.join(sorted(_SYNTHETIC))}); "
             f"drop n for {name!r}"
         )
+    labels = None
     if name in _SYNTHETIC:
         n = SYNTHETIC_N if n is None else _check_int(n, "n", 1)
         x, columns = _SYNTHETIC[name](n, seed), None
@@ -328,7 +352,7 @@ def load_dataset(
     elif name in _BUNDLED:
         x, columns, source = _BUNDLED[name](seed)
     else:
-        x, columns, source = _load_file(name)
+        x, columns, source, labels = _load_file(name, label_columns)
     columns = columns or [f"x{i}" for i in range(x.shape[1])]
     x = _checked(name, x, columns, min_rows)
-    return Dataset(name=name, x=x, columns=columns, source=source)
+    return Dataset(name=name, x=x, columns=columns, source=source, labels=labels)

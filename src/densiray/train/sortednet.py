@@ -85,22 +85,23 @@ def load_rows(dataset: str, seed: int) -> tuple[np.ndarray, np.ndarray, list[str
         return x.astype(np.float64), y, [str(c) for c in sorted(set(y.tolist()))], f"sklearn.datasets.{ROW_SETS[dataset]}"
     from densiray.data.datasets import load_dataset
 
-    ds = load_dataset(dataset, seed=seed)
-    col = next((c for c in ds.columns if c.lower() in LABEL_COLUMNS), None)
-    if col is None:
+    ds = load_dataset(dataset, seed=seed, label_columns=LABEL_COLUMNS)
+    if ds.labels is None:
         raise DataError(f"{dataset}: a classification file needs a label column ({', '.join(LABEL_COLUMNS)}) "
                         f"beside the numeric features; columns are {ds.columns[:6]}")
-    j = ds.columns.index(col)
-    raw = ds.x[:, j]
-    x = np.delete(ds.x, j, axis=1)
-    if x.shape[1] < 1:
-        raise DataError(f"{dataset}: no feature columns beside {col!r}")
-    classes = sorted(set(raw.tolist()))
+    raw = ds.labels
+    try:  # numeric labels (0/1, 2.0, ...) sort as numbers and are named as such
+        numbers = [float(v) for v in raw]
+        classes, names = sorted(set(numbers)), None
+        raw = numbers
+    except ValueError:
+        classes = sorted(set(raw))
+        names = classes
     if len(classes) < 2:
-        raise DataError(f"{dataset}: the label column {col!r} has a single value; a classifier needs two classes")
-    names = [f"{c:g}" for c in classes]
+        raise DataError(f"{dataset}: the label column has a single value; a classifier needs two classes")
+    names = names or [f"{c:g}" for c in classes]
     index = {c: i for i, c in enumerate(classes)}
-    return x, np.array([index[v] for v in raw.tolist()]), names, ds.source
+    return ds.x, np.array([index[v] for v in raw]), list(names), ds.source
 
 
 def _split(n: int, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
