@@ -115,6 +115,15 @@ def test_a_port_that_is_not_one_is_refused_before_anything_starts(capsys, comman
     assert err.startswith("densiray: error: argument --port:") and "\n" not in err and "1 to 65535" in err
 
 
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`densiray models --json | head`: the reader goes away; no BrokenPipeError traceback, exit 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "densiray.cli", "models", "--json", "--store", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err[-2000:]
+
+
 def test_the_python_serve_api_refuses_a_port_that_is_not_one():
     from densiray.serve import start
 

@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     except DensirayError as e:
         print(f"densiray: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `densiray models --json | head`: the reader is gone; exit quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:
         what = "stopped (SIGTERM)" if console.terminated else "interrupted"
         print(f"densiray: {what}; run the same command again to resume from the last checkpoint", file=sys.stderr)
