@@ -49,6 +49,11 @@ def test_load_model_reproduces_log_prob_exactly(moons_run):
     assert np.array_equal(loaded.log_prob_standardized(task.test_x), expected)
     raw = task.transform.inverse(task.test_x.astype(np.float64))
     np.testing.assert_allclose(loaded.log_prob(raw), expected + task.transform.log_abs_det(), rtol=0, atol=1e-4)
+    # a caller's mistake is a one-line DataError (a DensirayError), not numpy's ValueError
+    for bad, message in [([[0.1, 0.2, 0.3]], "expected rows of 2 values"), ([["a", "b"]], "expected rows of 2 numbers"),
+                         ([[0.1, 0.2], [0.3]], "each row the same length"), ([[float("nan"), 0.0]], "NaN or inf")]:
+        with pytest.raises(densiray.DensirayError, match=message):
+            loaded.log_prob(bad)
 
 
 def test_exported_density_integrates_to_one_and_manifest_agrees(moons_run):

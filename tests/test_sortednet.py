@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import densiray
 from densiray.api import RunSpec, build_task, runs_uri
 from densiray.capabilities import capabilities
-from densiray.errors import BudgetError, ConfigError
+from densiray.errors import BudgetError, ConfigError, DataError
 from densiray.models.sortednet import NestedEncoder, SortedNetConfig, build_encoder, parse_spec, spec_name
 from densiray.train.engine import TrainConfig, fit
 from densiray.train.sortednet import SortedNetTask
@@ -256,6 +257,28 @@ def digits_model(ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_row_classifier_answers_over_http_and_refuses_bad_rows_and_budgets_with_422(digits_model):
+    """Serve's classify on a rows model (digits): answers, and a client's mistake is a 422, never a 500."""
+    from fastapi.testclient import TestClient
+    from sklearn.datasets import load_digits
+
+    from densiray.serve.plain import plain_app
+    from densiray.serve.settings import ServeSettings
+
+    _, store = digits_model
+    client = TestClient(plain_app(ServeSettings(store=store, max_rows=50)), raise_server_exceptions=False)
+    url = "/v1/models/digits-sn/classify"
+    x = load_digits().data[:3].tolist()
+    r = client.post(url, json={"x": x, "budget": {"submodel": "l1-w0.25"}})
+    assert r.status_code == 200 and len(r.json()["labels"]) == 3 and r.json()["submodel"]["name"] == "l1-w0.25"
+    for body, message in [({"x": [[1.0, 2.0]]}, "takes rows of 64"), ({"x": x * 20}, "more than the 50 allowed"),
+                          ({"x": x, "budget": {"submodel": "l9-w9"}}, "not on this model's grid"),
+                          ({"x": x, "budget": {"submodel": "garbage"}}, "is not like")]:
+        r = client.post(url, json=body)
+        assert r.status_code == 422 and message in r.json()["error"], (body, r.text)
+
+
+@pytest.mark.slow
 def test_digits_trains_on_zero2_exports_and_picks_by_budget(digits_model):
     summary, store = digits_model
     m = summary["metrics"]
@@ -289,12 +312,15 @@ def test_digits_trains_on_zero2_exports_and_picks_by_budget(digits_model):
     assert "\n" not in str(e.value)
     with pytest.raises(BudgetError):
         model.predict(x, budget={"latency_ms": 1e-9})
-    with pytest.raises(ValueError, match="unknown budget"):
+    with pytest.raises(DataError, match="unknown budget"):
         model.for_budget(memory=3)
-    with pytest.raises(ValueError, match="not on this model's grid"):
+    with pytest.raises(DataError, match="not on this model's grid"):
         model.submodel("l9-w0.5")
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(DataError, match="is not like"):
+        model.submodel("garbage")
+    with pytest.raises(DataError, match="features"):
         model.predict([[1.0, 2.0]])
+    assert model.predict(np.asarray(x))["labels"] == out["labels"]  # an array of rows too
     manifest = json.loads(Path(store, "digits-sn", "manifest.json").read_text())
     assert len(manifest["config"]["grid"]) == 8 and len(manifest["metrics"]["submodels"]) == 8
     assert "report.png" in manifest["files"]

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from densiray.errors import ConfigError
+from densiray.errors import ConfigError, DataError
 
 MINILM = "minilm"
 T5_TYPES = ("t5", "mt5", "umt5")
@@ -583,10 +583,10 @@ class TextClassifier:
     @torch.no_grad()
     def predict(self, texts: list[str]) -> dict[str, list]:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
+            raise DataError(f"texts must be a list of strings, got {type(texts).__name__}")
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
-            raise ValueError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string")
+            raise DataError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string")
         labels, probs, density = [], [], []
         device = next(self.module.parameters()).device
         with self._lock:

@@ -30,7 +30,11 @@ class DensityModel:
         return f"DensityModel(name={self.name!r}, kind={self.kind!r}, dim={self.dim})"
 
     def _rows(self, x) -> torch.Tensor:
-        a = np.asarray(x, dtype=np.float64)
+        try:
+            a = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as e:  # strings, ragged rows, None
+            reason = " ".join(str(e).split())[:120]
+            raise DataError(f"expected rows of {self.dim} numbers, each row the same length: {reason}") from e
         if a.ndim == 1 and self.dim == 1:
             a = a[:, None]
         elif a.ndim == 1:

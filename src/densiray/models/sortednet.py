@@ -41,12 +41,13 @@ import threading
 import time
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from densiray.errors import BudgetError, ConfigError
+from densiray.errors import BudgetError, ConfigError, DataError
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
 BUDGET_KEYS = ("flops", "latency_ms", "params")
@@ -661,15 +662,15 @@ def grid_accuracy(module: NestedModule, batches: list[dict], grid: list[dict]) -
 
 def pick_for_budget(rows: list[dict], **budget: float) -> dict:
     """The row (sub-model with metrics) of highest validation accuracy whose flops / latency_ms / params
-    all fit the budget (ties: fewer FLOPs); :class:`BudgetError` when none fits, ValueError for a bad budget."""
+    all fit the budget (ties: fewer FLOPs); :class:`BudgetError` when none fits, DataError for a bad budget."""
     if not budget:
-        raise ValueError(f"a budget needs at least one of {', '.join(BUDGET_KEYS)}")
+        raise DataError(f"a budget needs at least one of {', '.join(BUDGET_KEYS)}")
     unknown = sorted(set(budget) - set(BUDGET_KEYS))
     if unknown:
-        raise ValueError(f"unknown budget {unknown[0]!r}; use {', '.join(BUDGET_KEYS)}")
+        raise DataError(f"unknown budget {unknown[0]!r}; use {', '.join(BUDGET_KEYS)}")
     for k, v in budget.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"budget {k} must be a positive number, got {v!r}")
+            raise DataError(f"budget {k} must be a positive number, got {v!r}")
     fits = [r for r in rows if all(r[k] <= v for k, v in budget.items())]
     if not fits:
         smallest = {k: min(r[k] for r in rows) for k in budget}
@@ -704,6 +705,7 @@ class NestedClassifier:
         self.tokenizer = tokenizer
         self.labels = list(manifest["config"]["labels"])
         self.input_kind = module.input_kind
+        self.dim = module.arch["features"] if self.input_kind == "rows" else None  # features per row
         self._rows = rows if rows is not None else list(manifest.get("metrics", {}).get("submodels", []))
         self._by_name = {r["name"]: r for r in self._rows}
         self.spec = spec  # None: the full model, any budget allowed
@@ -723,12 +725,15 @@ class NestedClassifier:
         return [dict(r) for r in self._rows]
 
     def _row(self, spec: Any) -> dict:
-        s = parse_spec(spec)
+        try:
+            s = parse_spec(spec)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         if s["heads"] is None and self.module.n_heads is not None:
             s["heads"] = self.module.n_heads
         row = self._by_name.get(spec_name(s))
         if row is None:
-            raise ValueError(f"sub-model {spec_name(s)!r} is not on this model's grid of {len(self._rows)} "
+            raise DataError(f"sub-model {spec_name(s)!r} is not on this model's grid of {len(self._rows)} "
                              f"(e.g. {self._rows[0]['name']!r} .. {self._rows[-1]['name']!r})")
         return row
 
@@ -754,27 +759,30 @@ class NestedClassifier:
         return self.submodel(budget).spec
 
     def _encode(self, items: list) -> list[dict]:
-        if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
-            raise ValueError(f"items must be a list, got {type(items).__name__}")
+        rows_array = self.input_kind == "rows" and isinstance(items, np.ndarray)
+        if not rows_array and (isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple))):
+            raise DataError(f"items must be a list, got {type(items).__name__}")
         batches = []
         if self.input_kind == "text":
             from densiray.models.deft import tokenize
 
             bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
             if bad:
-                raise ValueError(f"texts[{bad[0]}] is a {type(items[bad[0]]).__name__}, not a string")
+                raise DataError(f"texts[{bad[0]}] is a {type(items[bad[0]]).__name__}, not a string")
             for i in range(0, len(items), self.max_batch):
                 batches.append(tokenize(self.tokenizer, list(items[i:i + self.max_batch]), self.module.config.max_length))
             return batches
         d = self.module.arch["features"]
         try:
-            x = torch.as_tensor([[float(v) for v in row] for row in items], dtype=torch.float32) if items else torch.zeros(0, d)
+            x = (torch.as_tensor(np.asarray(items, dtype=np.float32)) if rows_array
+                 else torch.as_tensor([[float(v) for v in row] for row in items], dtype=torch.float32) if len(items)
+                 else torch.zeros(0, d))
         except (TypeError, ValueError):
-            raise ValueError(f"rows must be lists of {d} numbers") from None
+            raise DataError(f"rows must be lists of {d} numbers") from None
         if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(f"rows must have {d} features, got shape {tuple(x.shape)}")
+            raise DataError(f"rows must have {d} features, got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
-            raise ValueError("rows contain NaN or infinite values")
+            raise DataError("rows contain NaN or infinite values")
         return [{"x": x[i:i + self.max_batch]} for i in range(0, len(x), self.max_batch)]
 
     @torch.no_grad()
