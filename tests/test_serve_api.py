@@ -298,6 +298,9 @@ def test_classify_rows_with_a_budget_says_which_submodel_answered(api):
     refused(post(client, "/v1/models/nested/classify", {**x, "budget": {"flops": 5, "params": 5}}), 422, "exactly one")
     refused(post(client, "/v1/models/nested/classify", {**x, "budget": {"flops": -1}}), 422, "budget.flops")
     refused(post(client, "/v1/models/nested/classify", {"texts": ["a"]}), 422, "classifies rows")
+    empty = post(client, "/v1/models/nested/classify", {"x": []})  # the example shows rows, not texts
+    refused(empty, 422, "x is empty", '{"x": [[')
+    assert "texts" not in empty.json()["error"]
     refused(post(client, "/v1/models/nested/classify", {"x": [[1.0, 2.0, 3.0]]}), 422, "x[0] has 3 values")
     refused(post(client, "/v1/models/nested/classify", {"x": [ROW], "texts": ["a"]}), 422, "exactly one of")
     refused(post(client, "/v1/models/nested/classify", {}), 422, "exactly one of")

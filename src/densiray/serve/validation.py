@@ -24,6 +24,7 @@ EXAMPLES = {
     "classify": '{"texts": ["great product"]}',
     "condition": '{"coarse": [[0.1, 0.2], [0.3, 0.4]], "factor": 4, "noise": 0.1, "n": 8, "steps": 64, "seed": 0}',
 }
+ROWS_CLASSIFY = '{"x": [[0.5, 0.25], [1.0, -0.3]]}'  # classify of a rows model (x) instead of texts
 ITEMS = {"x": ("rows", "row"), "texts": ("entries", "text"), "sensors": ("sensors", "sensor"),
          "coarse": ("rows", "row")}
 
@@ -44,11 +45,11 @@ def _shown(value: object) -> str:
 
 def validation_error_message(errors: list[dict], endpoint: str) -> str:
     """One line from FastAPI/pydantic request validation errors (the first error; how many more)."""
-    example = EXAMPLES.get(endpoint)
-    like = f", e.g. {example}" if example else ""
     errors = sorted(errors, key=lambda e: e.get("type") != "extra_forbidden")  # a misspelt field first
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
     kind, where, value = first.get("type", ""), _where(tuple(first.get("loc", ()))), first.get("input")
+    example = ROWS_CLASSIFY if endpoint == "classify" and where.startswith("x") else EXAMPLES.get(endpoint)
+    like = f", e.g. {example}" if example else ""
     ctx = first.get("ctx") or {}
     if kind == "json_invalid":
         msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')}); send a JSON object{like}"
