@@ -119,6 +119,9 @@ def _print(r: dict, point: list) -> None:
     for label, m in r["baselines"].items():
         p = m["paired"]
         verdict = "DNMM better" if p["z"] >= 2 else ("DNMM worse" if p["z"] <= -2 else "no clear difference")
+        if abs(p["diff"]) < 5e-5 and p["diff_se"] < 5e-5:  # a z of numerical noise (frozen normalisers)
+            verdict = "the same density to 4 decimals" + (
+                ": no trained epoch beat the starting mixture, so the DNMM is that mixture" if label == "GMM" else "")
         print(f"paired     DNMM − {label}: {p['diff']:+.4f} ± {p['diff_se']:.4f} nats per test row "
               f"({p['z']:+.1f} SE, {p['rows']} rows): {verdict}")
     print(f"integral   ∫p = {d['integral']:.5f} ± {d['integral_se']:.5f}")
