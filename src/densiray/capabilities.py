@@ -49,7 +49,8 @@ class Classifier(Protocol):
     """Labels and class probabilities of texts (or rows): ``predict(items)`` -> {"labels", "probs", ...}.
 
     An optional attribute ``input_kind`` says what the items are: ``"text"`` (the default when
-    absent: a list of strings) or ``"rows"`` (a list of rows of numbers). Further per-item fields
+    absent: a list of strings) or ``"rows"`` (a list of rows of numbers, or the float array Serve
+    passes; a rows classifier's ``dim`` gives the features per row, which Serve checks). Further per-item fields
     of the answer are passed through by Serve; a Nested classifier also takes
     ``predict(items, budget={...})`` and answers ``"submodel"``, the sub-model that answered.
     """
