@@ -13,6 +13,7 @@ best validation score is exported to the store with the whole sweep as its prove
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -334,6 +335,8 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     for row in rows:  # what the trials ASHA stopped (killed) left on this node
         shutil.rmtree(tune_staging_dir(row["trial_id"]), ignore_errors=True)
         shutil.rmtree(worker_staging_dir(f"{plan.path}/train/{row['trial_id']}", "run"), ignore_errors=True)
+    with contextlib.suppress(OSError):  # their shared parent, once no other run uses it
+        os.rmdir(os.path.dirname(worker_staging_dir(plan.path, "run")))
     trial_id, front = _select(rows, exportable, plan)
     if not trial_id:
         raise _no_winner(rows, plan, elapsed)
