@@ -1014,6 +1014,14 @@ def worker_staging_dir(storage: str, name: str) -> str:
     return os.path.join(tempfile.gettempdir(), "densiray-staging", key)
 
 
+def remove_staging_dir(path: str) -> None:
+    """Remove a staging folder (:func:`tune_staging_dir`, :func:`worker_staging_dir`), and its shared
+    parent once no other run uses it."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
+
+
 @dataclass
 class FitResult:
     """What a finished run left: the best weights, the loop state and where the run lives (inside a Tune
@@ -1135,9 +1143,7 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
             os.environ.pop(wait_key, None)
         for staged in (local_dir if staged_for_tune else None, staging_dir):
             if staged:
-                shutil.rmtree(staged, ignore_errors=True)
-                with contextlib.suppress(OSError):  # the shared parent, once no other run uses it
-                    os.rmdir(os.path.dirname(staged))
+                remove_staging_dir(staged)
 
 
 def _fit_result(trainer, task: Task, watcher: _ProgressWatcher | None, local_dir: str | None) -> FitResult:

@@ -13,12 +13,10 @@ best validation score is exported to the store with the whole sweep as its prove
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +63,15 @@ def load_space(space: str | os.PathLike | dict | None) -> dict | None:
     return data.get("space", data) if set(data) == {"space"} else data
 
 
-def _trial(params: dict, *, task, train: dict, storage: str) -> None:
+RUN = "run"  # the engine's run name inside each trial
+
+
+def group_storage(sweep_path: str, trial_id: str) -> str:
+    """Where a trial that launches a Ray Train worker group keeps its run (:data:`RUN`) and checkpoints."""
+    return f"{sweep_path}/train/{trial_id}"
+
+
+def _trial(params: dict, *, task, train: dict, sweep_path: str) -> None:
     """One Tune trial: the Task under this trial's config, trained by the engine."""
     import ray.tune
 
@@ -74,9 +80,9 @@ def _trial(params: dict, *, task, train: dict, storage: str) -> None:
     trial_task = task.with_model(params.get("model", {}))
     tc = TrainConfig(**{**train, **params.get("train", {})})
     ctx = ray.tune.get_context()
-    run_storage = os.path.join(ctx.get_trial_dir(), "engine") if tc.workers == 0 else f"{storage}/{ctx.get_trial_id()}"
-    # (tune() removes worker_staging_dir(run_storage, "run") of every trial at the end)
-    fit(trial_task, tc, name="run", storage=run_storage, progress=False)
+    run_storage = (os.path.join(ctx.get_trial_dir(), "engine") if tc.workers == 0
+                   else group_storage(sweep_path, ctx.get_trial_id()))
+    fit(trial_task, tc, name=RUN, storage=run_storage, progress=False)
 
 
 def _concurrency(settings: SweepSettings) -> tuple[dict, int]:
@@ -168,7 +174,7 @@ def _tuner(plan: Plan, action: str, verbose: bool = False):
     st = plan.settings
     resources, concurrent = _concurrency(st)
     trainable = rtune.with_resources(
-        rtune.with_parameters(_trial, task=plan.task, train=plan.train.model_dump(), storage=f"{plan.path}/train"),
+        rtune.with_parameters(_trial, task=plan.task, train=plan.train.model_dump(), sweep_path=plan.path),
         resources)
     if action == "resume":
         print(f"densiray: resuming unfinished sweep {plan.name!r}")
@@ -253,7 +259,7 @@ def _checkpoint(result, plan: Plan):
     import ray.train
 
     tid = result.metrics.get("trial_id")
-    path = f"{plan.path}/train/{tid}/run/{Path(reported).name}"  # the same folder, with the storage's scheme
+    path = f"{group_storage(plan.path, tid)}/{RUN}/{Path(reported).name}"  # the same folder, with the storage's scheme
     return ray.train.Checkpoint(path) if "://" in path or os.path.isdir(path) else None
 
 
@@ -311,7 +317,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     """
     import densiray.api as api
     from densiray import console
-    from densiray.train.engine import tune_staging_dir, worker_staging_dir
+    from densiray.train.engine import remove_staging_dir, tune_staging_dir, worker_staging_dir
 
     spec = api._merge(api.load_spec(config), {"dataset": dataset, **(overrides or {})})
     plan = _plan(kind, spec, settings, space, name, store)
@@ -333,10 +339,8 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
         raise KeyboardInterrupt  # Tune saved the sweep: the same command resumes it
     rows, curves, exportable = _collect(grid, plan)
     for row in rows:  # what the trials ASHA stopped (killed) left on this node
-        shutil.rmtree(tune_staging_dir(row["trial_id"]), ignore_errors=True)
-        shutil.rmtree(worker_staging_dir(f"{plan.path}/train/{row['trial_id']}", "run"), ignore_errors=True)
-    with contextlib.suppress(OSError):  # their shared parent, once no other run uses it
-        os.rmdir(os.path.dirname(worker_staging_dir(plan.path, "run")))
+        remove_staging_dir(tune_staging_dir(row["trial_id"]))
+        remove_staging_dir(worker_staging_dir(group_storage(plan.path, row["trial_id"]), RUN))
     trial_id, front = _select(rows, exportable, plan)
     if not trial_id:
         raise _no_winner(rows, plan, elapsed)
