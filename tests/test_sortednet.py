@@ -268,6 +268,8 @@ def test_a_row_classifier_answers_over_http_and_refuses_bad_rows_and_budgets_wit
     _, store = digits_model
     client = TestClient(plain_app(ServeSettings(store=store, max_rows=50)), raise_server_exceptions=False)
     url = "/v1/models/digits-sn/classify"
+    listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert listed["digits-sn"]["dim"] == 64  # the row width, as for a density model
     x = load_digits().data[:3].tolist()
     r = client.post(url, json={"x": x, "budget": {"submodel": "l1-w0.25"}})
     assert r.status_code == 200 and len(r.json()["labels"]) == 3 and r.json()["submodel"]["name"] == "l1-w0.25"

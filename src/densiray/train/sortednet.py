@@ -508,6 +508,8 @@ class SortedNetTask(Task):
         target = Store(store)
         config = {"model": self._eval_config().model_dump(), "labels": self.labels, "arch": model.arch,
                   "grid": model.grid, "input_kind": model.input_kind, "train": train_config or {}, "dataset": self.dataset}
+        if model.input_kind == "rows":  # the row width, listed by `densiray models` and GET /v1/models
+            config["dim"] = int(model.arch["features"])
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
         target.export(name, kind=self.kind, tensors=tensors, config=config, transform=None,
                       metrics=self.metrics(model), provenance=provenance, extra_files=extra_files)
