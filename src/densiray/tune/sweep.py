@@ -346,7 +346,8 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
         raise _no_winner(rows, plan, elapsed)
     print(f"densiray: best trial {trial_id}: {plan.metric} = "
           f"{next(r[plan.metric] for r in rows if r['trial_id'] == trial_id):.4f} of {len(rows)} trials")
-    stored = _export_winner(plan, exportable[trial_id], trial_id, rows, curves, front, elapsed, store, plot)
+    with console.logs_to(log_file, verbose):  # a refit's engine run logs through Ray Train too
+        stored = _export_winner(plan, exportable[trial_id], trial_id, rows, curves, front, elapsed, store, plot)
     runs.finish(plan.path, plan.digest)
     result = exportable[trial_id]
     return {"name": plan.name, "kind": kind, "path": stored.path, "dataset": plan.task.dataset["name"],
