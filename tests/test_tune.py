@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import densiray
 from densiray.store import Store
@@ -143,13 +144,59 @@ def test_bad_search_space_or_budget_gives_one_line(tmp_path, capsys, monkeypatch
     assert len(lines) == 1 and lines[0].startswith("densiray: error:") and message in lines[0], lines
 
 
-def test_refit_in_a_family_that_cannot_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("flags, message", [(["--refit"], "sortednet cannot refit on its validation rows"),
+                                            (["--ensemble", "3"], "sortednet cannot export an ensemble of trials")])
+def test_refit_or_ensemble_in_a_family_that_cannot_is_refused_before_the_sweep(tmp_path, capsys, monkeypatch, flags,
+                                                                              message):
     from densiray.cli import main
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens there: the refusal comes before Ray
-    rc = main(["tune", "sortednet", "--dataset", "digits", "--refit", "--store", str(tmp_path / "m")])
+    rc = main(["tune", "sortednet", "--dataset", "digits", *flags, "--store", str(tmp_path / "m")])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "sortednet cannot refit on its validation rows" in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_greedy_ensemble_selection_adds_members_only_while_the_validation_score_rises():
+    from densiray.models.dnmm import select_ensemble
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(-1.0, 1.0, 500)
+    b = a[::-1].copy()  # as good on average, right where a is wrong: mixing them pays
+    assert select_ensemble([a, b], size=1) == [1.0, 0.0]  # size 1: the winner alone
+    w = select_ensemble([a, b, a - 5.0], size=3)
+    assert w[2] == 0 and w[0] > 0 and w[1] > 0 and sum(w) == pytest.approx(1)  # a far worse model is left out
+    assert select_ensemble([a, a.copy()], size=2) == [1.0, 0.0]  # a copy adds nothing
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_trials_is_exported_refitted_loaded_and_sampled_as_one_density(ray_cluster, store):
+    from densiray.models.dnmm import DNMMEnsemble
+
+    data = {**DATA, "model": {**DATA["model"], "min_gain_se": 0}}
+    s = tune("dnmm", "moons", overrides=data, space={"model.components": {"grid": [8, 9, 10]}},
+             settings={"trials": 1, "epochs": 3, "grace_period": 3, "ensemble": 3, "refit": True, "searcher": "random"},
+             name="mixed", store=store)
+    m = Store(store).read("mixed").manifest
+    ens, refit = m["provenance"]["ensemble"], m["provenance"]["refit"]
+    members = ens["members"]
+    assert ens["candidates"] == 3 and members[0]["trial_id"] == s["trial_id"]  # the winner first
+    assert len(members) >= 2, members  # mixtures on 8, 9 and 10 Gaussians: mixing them raises the validation score
+    assert sum(x["weight"] for x in members) == pytest.approx(1)
+    assert m["config"]["ensemble"]["weights"] == pytest.approx([x["weight"] for x in members])
+    assert refit["member_epochs"] == [x["best_epoch"] + 1 for x in members]
+    model = densiray.load_model("mixed", store=store)
+    assert isinstance(model.module, DNMMEnsemble) and len(model.module.members) == len(members)
+    x = np.array([[0.5, 0.25], [1.0, -0.4], [-0.8, 0.6]])
+    z = torch.as_tensor(model.transform.transform(x), dtype=torch.float32)
+    with torch.no_grad():
+        mixed = np.logaddexp.reduce([np.log(w) + member.log_prob(z).double().numpy()
+                                     for w, member in zip(model.module.weights, model.module.members)], axis=0)
+    mixed += model.transform.log_abs_det()
+    assert np.allclose(model.log_prob(x), mixed, atol=1e-5)
+    assert abs(m["metrics"]["integral"] - 1) < 5 * m["metrics"]["integral_se"] + 0.01
+    samples = model.sample(300, seed=1)
+    assert samples.shape == (300, 2) and np.isfinite(samples).all()
+    assert np.array_equal(samples, model.sample(300, seed=1))  # seeded, reproducible
 
 
 def test_a_family_tunes_with_its_own_sweep_defaults_unless_the_user_sets_them(store):

@@ -85,7 +85,7 @@ def _tune(args) -> int:
     settings = {"trials": args.trials, "time_budget_s": args.time_budget_s, "epochs": args.epochs,
                 "searcher": args.searcher, "workers_per_trial": args.workers_per_trial,
                 "cpus_per_trial": args.cpus_per_trial, "max_concurrent_trials": args.max_concurrent_trials,
-                "seed": args.seed, "refit": args.refit}
+                "seed": args.seed, "refit": args.refit, "ensemble": args.ensemble}
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         summary = tune(args.family, args.dataset, config=args.config, space=args.space, settings=settings,
                        name=args.name, store=args.store, restart=args.restart, verbose=args.verbose)
@@ -102,7 +102,8 @@ def _bench(args) -> int:
 
         datasets = args.datasets.split(",") if args.datasets else DATASETS
         run(datasets, args.out or "jobs/results/density", trials=args.trials, epochs=args.epochs,
-            time_budget_s=args.time_budget_s, baselines=not args.no_baselines, refit=args.refit)
+            time_budget_s=args.time_budget_s, baselines=not args.no_baselines, refit=args.refit,
+            ensemble=args.ensemble)
         print(f"results in {args.out or 'jobs/results/density'}/density.md")
     return 0
 
@@ -261,6 +262,9 @@ def _tune_parser(sub) -> None:
     u.add_argument("--seed", type=int, help="searcher seed")
     u.add_argument("--refit", action="store_true", default=None,
                    help="retrain the winner on train+validation rows for its best number of epochs before export")
+    u.add_argument("--ensemble", type=int, metavar="K",
+                   help="export a weighted mixture of up to K trials, chosen greedily on the validation rows "
+                        "(dnmm; default 1: the winner alone)")
     u.add_argument("--name", help="model name of the winner (default <family>-<dataset>-tuned)")
     u.add_argument("--store", help=STORE_HELP)
     u.add_argument("--restart", action="store_true", help="discard an unfinished sweep of the same name")
@@ -279,6 +283,8 @@ def _bench_parser(sub) -> None:
     b.add_argument("--time-budget-s", type=float, default=600, help="sweep time budget per dataset")
     b.add_argument("--no-baselines", action="store_true", help="keep the earlier MAF/NSF rows (KDE and GMM are refitted for the paired comparison)")
     b.add_argument("--refit", action="store_true", help="refit each winner on train+validation rows (tune.refit)")
+    b.add_argument("--ensemble", type=int, default=1, metavar="K",
+                   help="export a mixture of up to K trials of each sweep (tune.ensemble)")
     b.set_defaults(func=_bench)
 
 

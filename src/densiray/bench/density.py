@@ -94,11 +94,12 @@ def fit_baseline_flow(kind: str, train: np.ndarray, val: np.ndarray, test: np.nd
 
 
 def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int = 150, time_budget_s: float | None = 600,
-        store: str | None = None, baselines: bool = True, seed: int = 0, refit: bool = False) -> dict:
+        store: str | None = None, baselines: bool = True, seed: int = 0, refit: bool = False,
+        ensemble: int = 1) -> dict:
     """Run the benchmark; writes ``density.json``, ``density.md`` and plots into ``out``."""
     from densiray import families
     from densiray.api import RunSpec, build_task
-    from densiray.store import load_model
+    from densiray.store import Store, load_model
     from densiray.tune.sweep import SweepSettings, tune
 
     out = Path(out)
@@ -109,6 +110,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
                "command": " ".join(["densiray", *sys.argv[1:]] if sys.argv[1:3] == ["bench", "density"]
                                    else [".venv/bin/python", *sys.argv]),
                "budget": {"trials": trials, "epochs_per_trial": epochs, "time_budget_s": time_budget_s, "refit": refit,
+                          "ensemble": ensemble,
                           "asha_grace_period": min(SweepSettings(**families.get("dnmm").tune_defaults).grace_period, epochs),
                           "trial": "1 CPU, one in-process rank; 2 trials at a time on this 2-core machine"},
                "load_average_at_start": round(os.getloadavg()[0], 1),
@@ -132,7 +134,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
             row["estimators"][est] = {**_summary(lp), "fit_time_s": round(time.perf_counter() - t0, 2), **info}
             print(f"[{name}] {est}: {row['estimators'][est]['test_log_lik']:.3f}", flush=True)
         s = tune("dnmm", name, settings={"trials": trials, "epochs": epochs, "time_budget_s": time_budget_s,
-                                         "seed": seed, "refit": refit},
+                                         "seed": seed, "refit": refit, "ensemble": ensemble},
                  name=f"bench-{name}", store=store, restart=True)
         model = load_model(s["name"], store=store)
         lp = model.log_prob_standardized(task.test_x)
@@ -140,10 +142,14 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
         row["estimators"]["dnmm"] = {**_summary(lp), "fit_time_s": s["tune_time_s"], "trials": s["trials"],
                                      "config": s["config"], "integral": s["metrics"]["integral"],
                                      "integral_se": s["metrics"]["integral_se"]}
+        provenance = Store(store).read(s["name"]).manifest["provenance"]
+        if provenance.get("ensemble"):  # the winner alone, and the mixture's members and weights
+            ens = provenance["ensemble"]
+            row["estimators"]["dnmm"]["ensemble"] = {
+                "members": [{"trial_id": m["trial_id"], "weight": m["weight"]} for m in ens["members"]],
+                "test_log_lik_winner_alone": ens["winner_alone"].get("test_log_lik")}
         if refit:  # the winner before its refit on train+validation rows, on the same test rows
-            from densiray.store import Store
-
-            record = Store(store).read(s["name"]).manifest["provenance"].get("refit") or {}
+            record = provenance.get("refit") or {}
             row["estimators"]["dnmm"]["refit"] = {"epochs": record.get("epochs"),
                                                   "test_log_lik_before": record.get("before_refit", {}).get("test_log_lik")}
         print(f"[{name}] dnmm (tuned): {row['estimators']['dnmm']['test_log_lik']:.3f}", flush=True)
@@ -203,6 +209,17 @@ def markdown(results: dict) -> str:
                      "log-likelihood of the selected trial before → after the refit: " + "; ".join(
                          f"{n} {r['test_log_lik_before']:.3f} → {results['datasets'][n]['estimators']['dnmm']['test_log_lik']:.3f}"
                          f" ({r['epochs']} epochs)" for n, r in refits if r.get("test_log_lik_before") is not None) + ".")
+    mixes = []
+    for n, row in results["datasets"].items():
+        dnmm = row["estimators"].get("dnmm", {})
+        if "ensemble" in dnmm:
+            mixed = (dnmm.get("refit") or {}).get("test_log_lik_before") or dnmm["test_log_lik"]
+            weights = ", ".join(f"{m['weight']:.2f}" for m in dnmm["ensemble"]["members"])
+            mixes.append(f"{n} {dnmm['ensemble']['test_log_lik_winner_alone']:.3f} → {mixed:.3f} (weights {weights})")
+    if mixes:
+        lines.append("\nDNMM exported as a mixture of the sweep's trials (tune.ensemble, greedy selection on the "
+                     "validation rows); test log-likelihood of the winner alone → the mixture, before any refit: "
+                     + "; ".join(mixes) + ".")
     lines.append("\nReference (DESIGN.md, same protocol): " + "; ".join(
         f"{n} " + "/".join(f"{v:.3f}" for v in r.values()) for n, r in
         ((n, row.get("reference")) for n, row in results["datasets"].items()) if r) + " (KDE/GMM/MAF/NSF).")

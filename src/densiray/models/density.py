@@ -90,11 +90,13 @@ class DensityModel:
 def load_exported(stored) -> DensityModel:
     """A :class:`DensityModel` from an exported DNMM (``stored``: a verified StoredModel)."""
     from densiray.errors import StoreError
-    from densiray.models.dnmm import DNMM, DNMMConfig
+    from densiray.models.dnmm import DNMM, DNMMConfig, DNMMEnsemble
 
     manifest = stored.manifest
     try:
-        module = DNMM(DNMMConfig(**manifest["config"]["model"]))
+        ensemble = manifest["config"].get("ensemble")
+        module = (DNMMEnsemble([DNMMConfig(**c) for c in ensemble["members"]], ensemble["weights"]) if ensemble
+                  else DNMM(DNMMConfig(**manifest["config"]["model"])))
         module.load_state_dict(stored.tensors, strict=True)
         transform = Standardizer.from_dict(manifest["transform"])
     except Exception as e:  # a manifest that hashes fine but does not describe these weights

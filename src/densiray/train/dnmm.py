@@ -11,7 +11,16 @@ import torch
 
 from densiray.capabilities import OUTLIER_PERCENTILES
 from densiray.data import Standardizer, load_dataset, split
-from densiray.models.dnmm import DNMM, VARIANTS, DNMMConfig, fit_gmm, make_warp, select_base
+from densiray.models.dnmm import (
+    DNMM,
+    VARIANTS,
+    DNMMConfig,
+    DNMMEnsemble,
+    fit_gmm,
+    make_warp,
+    select_base,
+    select_ensemble,
+)
 from densiray.store import Store, StoredModel
 from densiray.train.task import StepContext, Task, rank_batches
 from densiray.train.task import fmt as _fmt
@@ -194,12 +203,26 @@ class DNMMTask(Task):
             return None
         return val["val_log_lik"]
 
-    def export(self, model: DNMM, *, store: str | None, name: str, provenance: dict,
+    @torch.no_grad()
+    def select_ensemble(self, models: list[DNMM], size: int) -> list[float]:
+        """Greedy ensemble selection on the validation rows (:func:`~densiray.models.dnmm.select_ensemble`)."""
+        rows = torch.from_numpy(self.val_x)
+        return select_ensemble([m.log_prob(rows).double().numpy() for m in models], size)
+
+    def ensemble_model(self, models: list[DNMM], weights: list[float]) -> DNMMEnsemble:
+        ensemble = DNMMEnsemble([m.cfg for m in models], weights)
+        for member, model in zip(ensemble.members, models):
+            member.load_state_dict(model.state_dict())
+        return ensemble.eval()
+
+    def export(self, model: DNMM | DNMMEnsemble, *, store: str | None, name: str, provenance: dict,
                extra_files: dict[str, bytes] | None = None, train_config: dict | None = None) -> StoredModel:
         target = Store(store)
+        config = {"model": self.config.model_dump(), "train": train_config or {}, "dataset": self.dataset}
+        if isinstance(model, DNMMEnsemble):  # "model" is the winner's; the members are listed with their weights
+            config["ensemble"] = {"members": [m.cfg.model_dump() for m in model.members], "weights": model.weights}
         target.export(
-            name, kind=self.kind, tensors=model.state_dict(),
-            config={"model": self.config.model_dump(), "train": train_config or {}, "dataset": self.dataset},
+            name, kind=self.kind, tensors=model.state_dict(), config=config,
             transform=self.transform.to_dict(), metrics=self.metrics(model),
             provenance={**provenance, "base_selection": self.base_selection, "warp": self.warp_info},
             extra_files=extra_files,

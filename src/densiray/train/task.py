@@ -104,6 +104,17 @@ class Task(ABC):
 
         raise ConfigError(f"{self.kind} cannot refit on its validation rows; leave tune.refit off")
 
+    def select_ensemble(self, models: list[nn.Module], size: int) -> list[float]:
+        """Mixture weights (0: left out) of at most ``size`` of a sweep's trained ``models``, the winner first
+        (``densiray tune --ensemble``); a family that cannot mix its models leaves this out."""
+        from densiray.errors import ConfigError
+
+        raise ConfigError(f"{self.kind} cannot export an ensemble of trials; leave tune.ensemble at 1")
+
+    def ensemble_model(self, models: list[nn.Module], weights: list[float]) -> nn.Module:
+        """The one module that mixes ``models`` with ``weights`` (exported by :meth:`export`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot build an ensemble")
+
     def warm(self, space: dict) -> None:
         """Before a sweep: compute on the driver whatever trials of ``space`` would share (caches)."""
 

@@ -51,6 +51,9 @@ class SweepSettings(BaseModel):
     refit: bool = Field(False, description="retrain the winner on train+validation rows for its best number of "
                                           "epochs before export (the sweep's selection needs validation rows; "
                                           "the final model need not leave them out)")
+    ensemble: int = Field(1, ge=1, le=32, description="export a weighted mixture of up to this many trials, chosen "
+                                                  "greedily on the validation rows from the winner on (1: the winner "
+                                                  "alone); with refit, every member is refitted")
 
 
 def load_space(space: str | os.PathLike | dict | None) -> dict | None:
@@ -150,6 +153,8 @@ def _plan(kind: str, spec, settings: dict | None, space, name: str | None, store
     task = api.build_task(kind, spec)
     if st.refit and type(task).with_validation_rows is Task.with_validation_rows:
         raise ConfigError(f"{kind} cannot refit on its validation rows; leave tune.refit (--refit) off")
+    if st.ensemble > 1 and type(task).select_ensemble is Task.select_ensemble:
+        raise ConfigError(f"{kind} cannot export an ensemble of trials; leave tune.ensemble (--ensemble) at 1")
     search = search or family.space(task)
     if search is None:
         raise ConfigError(f"{kind} has no default search space; pass one with --space FILE.yaml")
@@ -180,8 +185,9 @@ def _tuner(plan: Plan, action: str, verbose: bool = False):
         print(f"densiray: resuming unfinished sweep {plan.name!r}")
         return rtune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=True), \
             concurrent
-    callbacks = [] if verbose else [trial_view(plan.metric, plan.objectives[0][1], st.trials, st.epochs,
-                                               st.time_budget_s)]
+    grids = math.prod(len(v["grid"]) for v in plan.space.values() if isinstance(v, dict) and "grid" in v)
+    callbacks = [] if verbose else [trial_view(plan.metric, plan.objectives[0][1], st.trials * grids, st.epochs,
+                                               st.time_budget_s)]  # Tune runs every grid point trials times
     multi = len(plan.objectives) > 1
     search_alg = None
     if st.searcher == "optuna":
@@ -347,7 +353,7 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     print(f"densiray: best trial {trial_id}: {plan.metric} = "
           f"{next(r[plan.metric] for r in rows if r['trial_id'] == trial_id):.4f} of {len(rows)} trials")
     with console.logs_to(log_file, verbose):  # a refit's engine run logs through Ray Train too
-        stored = _export_winner(plan, exportable[trial_id], trial_id, rows, curves, front, elapsed, store, plot)
+        stored = _export_winner(plan, exportable, trial_id, rows, curves, front, elapsed, store, plot)
     runs.finish(plan.path, plan.digest)
     result = exportable[trial_id]
     return {"name": plan.name, "kind": kind, "path": stored.path, "dataset": plan.task.dataset["name"],
@@ -364,25 +370,37 @@ def _can_restore(path: str) -> bool:
     return rtune.Tuner.can_restore(path)
 
 
-def _export_winner(plan: Plan, result, trial_id: str, rows, curves, front, elapsed: float, store, plot: bool):
-    """The winning trial's best epoch (refitted on train+validation rows if asked), exported with the
-    sweep as its provenance."""
+def _export_winner(plan: Plan, exportable: dict, trial_id: str, rows, curves, front, elapsed: float, store,
+                   plot: bool):
+    """The winning trial's best epoch (with ``tune.ensemble`` a mixture of it and other trials; refitted on
+    train+validation rows if asked), exported with the sweep as its provenance."""
     import ray
-    from safetensors.torch import load_file
 
     import densiray.api as api
-    from densiray.train.engine import TrainConfig
 
     st = plan.settings
-    with _checkpoint(result, plan).as_directory() as d:
-        weights = load_file(os.path.join(d, "best.safetensors"))
-    winner = plan.task.with_model(result.config.get("model", {}))
-    winner_tc = TrainConfig(**{**plan.train.model_dump(), **result.config.get("train", {})})
-    model = winner.trained_model(weights)
+    result = exportable[trial_id]
+    members = [_member(plan, result, trial_id)]
+    winner, winner_tc = members[0]["task"], members[0]["tc"]
+    weights, ensemble = [1.0], None
+    if st.ensemble > 1:
+        members, weights, ensemble = _ensemble(plan, members[0], rows, exportable, st.ensemble)
     refit = None
     if st.refit:
-        winner, model, refit = _refit(winner, model, winner_tc, result.metrics.get("best_epoch"), plan.name,
-                                      api.runs_uri(store))
+        before = _scores(winner, members[0]["model"] if len(members) == 1 else
+                         winner.ensemble_model([m["model"] for m in members], weights))
+        print(f"densiray: refitting {'the winner' if len(members) == 1 else f'the {len(members)} members'} on "
+              f"train+validation rows for {', '.join(str(_epochs(m)) for m in members)} epochs", flush=True)
+        t0 = time.perf_counter()
+        for k, m in enumerate(members):
+            m["task"], m["model"] = _refit(m["task"], m["tc"], _epochs(m), plan.name + (f"-{k}" if k else ""),
+                                           api.runs_uri(store))
+        refit = {"rows": "train+validation", "epochs": _epochs(members[0]),
+                 "time_s": round(time.perf_counter() - t0, 2), "before_refit": before}
+        if len(members) > 1:
+            refit["member_epochs"] = [_epochs(m) for m in members]
+        winner = members[0]["task"]
+    model = members[0]["model"] if len(members) == 1 else winner.ensemble_model([m["model"] for m in members], weights)
     grace = min(st.grace_period, st.epochs)
     provenance = {"sweep": plan.path, "sweep_name": Path(plan.path).name, "trial_id": trial_id,
                   "config": _flat(result.config), "objectives": [list(o) for o in plan.objectives],
@@ -392,7 +410,7 @@ def _export_winner(plan: Plan, result, trial_id: str, rows, curves, front, elaps
                   "scheduler": f"ASHA(grace_period={grace}, reduction_factor={st.reduction_factor:g}, max_t={st.epochs})",
                   "settings": st.model_dump(), "space": plan.space, "trials": rows, "pareto": front,
                   "tune_time_s": round(elapsed, 2), "best_epoch": result.metrics.get("best_epoch"),
-                  "ray_version": ray.__version__, "refit": refit, "history": _history(result)}
+                  "ray_version": ray.__version__, "refit": refit, "ensemble": ensemble, "history": _history(result)}
     extra = {"trials.csv": _csv(rows)}
     if plot:
         from densiray.plots import pareto_plot, trial_curves
@@ -401,32 +419,68 @@ def _export_winner(plan: Plan, result, trial_id: str, rows, curves, front, elaps
         if front:
             extra["pareto.csv"] = _csv(front)
             extra["pareto.png"] = pareto_plot(rows, front, trial_id, plan.objectives, title=f"{plan.name}: Pareto front")
-    return api.export_trained(winner, weights, model=model, name=plan.name, store=store, provenance=provenance,
-                              train_config=winner_tc.model_dump(), plot=plot, extra_files=extra,
+    return api.export_trained(winner, members[0]["weights"], model=model, name=plan.name, store=store,
+                              provenance=provenance, train_config=winner_tc.model_dump(), plot=plot, extra_files=extra,
                               title=f"{plan.name}: tuned {plan.kind} on {plan.task.dataset['name']}")
 
 
-def _refit(task, model, tc, best_epoch: int | None, name: str, runs_path: str):
-    """Retrain the winner on train+validation rows for ``best_epoch + 1`` epochs (no early stopping,
-    the last epoch kept); returns the refit task, its model and a provenance record."""
+def _member(plan: Plan, result, trial_id: str) -> dict:
+    """A trial's exported best epoch: its Task, engine settings, weights and inference-ready model."""
+    from safetensors.torch import load_file
+
+    from densiray.train.engine import TrainConfig
+
+    with _checkpoint(result, plan).as_directory() as d:
+        weights = load_file(os.path.join(d, "best.safetensors"))
+    task = plan.task.with_model(result.config.get("model", {}))
+    return {"trial_id": trial_id, "task": task, "weights": weights, "model": task.trained_model(weights),
+            "tc": TrainConfig(**{**plan.train.model_dump(), **result.config.get("train", {})}),
+            "best_epoch": result.metrics.get("best_epoch"), "score": result.metrics.get(plan.metric)}
+
+
+def _ensemble(plan: Plan, winner: dict, rows: list[dict], exportable: dict,
+              size: int) -> tuple[list[dict], list[float], dict]:
+    """The members (the winner first) and weights of the mixture the winner's Task selects among every
+    exportable trial, best first by the sweep's metric; and its provenance record."""
+    sign = 1 if plan.objectives[0][1] == "max" else -1
+    ranked = sorted((r for r in rows if r["trial_id"] != winner["trial_id"] and r["trial_id"] in exportable),
+                    key=lambda r: -sign * r[plan.metric])
+    candidates = [winner] + [_member(plan, exportable[r["trial_id"]], r["trial_id"]) for r in ranked]
+    weights = winner["task"].select_ensemble([c["model"] for c in candidates], size)
+    members = [c for c, w in zip(candidates, weights) if w > 0]
+    kept = [w for w in weights if w > 0]
+    chosen = ", ".join(f"{m['trial_id']} {w:.2f}" for m, w in zip(members, kept))
+    print(f"densiray: ensemble of {len(members)} trials ({chosen}) chosen on the validation rows among "
+          f"{len(candidates)}", flush=True)
+    record = {"size": size, "candidates": len(candidates), "method": "greedy forward selection with replacement "
+              "on the validation rows (Caruana et al. 2004)", "winner_alone": _scores(winner["task"], winner["model"]),
+              "members": [{"trial_id": m["trial_id"], "weight": round(w, 6), "best_epoch": m["best_epoch"],
+                           plan.metric: m["score"]} for m, w in zip(members, kept)]}
+    return members, kept, record
+
+
+def _epochs(member: dict) -> int:
+    """Epochs a refit of ``member`` trains: its best epoch's count (0: it kept its untrained model)."""
+    best = member["best_epoch"]
+    return (best if isinstance(best, int) else -1) + 1
+
+
+def _scores(task, model) -> dict:
+    return {k: v for k, v in task.metrics(model).items() if k.startswith(("test_", "val_")) and isinstance(v, (int, float))}
+
+
+def _refit(task, tc, epochs: int, name: str, runs_path: str):
+    """Retrain ``task``'s model on train+validation rows for ``epochs`` epochs (no early stopping, the last
+    epoch kept, the schedule compressed into those epochs); returns the refit Task and its model."""
     from densiray.train.engine import fit
 
-    before = {k: v for k, v in task.metrics(model).items() if k.startswith(("test_", "val_"))
-              and isinstance(v, (int, float))}
     full = task.with_validation_rows()
-    epochs = (best_epoch if isinstance(best_epoch, int) else -1) + 1
-    print(f"densiray: refitting the winner on its train+validation rows for {epochs} epochs", flush=True)
-    t0 = time.perf_counter()
     if epochs == 0:  # the selected model was the initial one: the base mixture refitted on all rows
-        refitted = full.trained_model(full.build_model().state_dict())
-    else:
-        rtc = tc.model_copy(update={"epochs": epochs, "patience": 0, "keep": "last"})
-        run = f"refit-{name}"
-        runs.prepare(f"{runs_path}/{run}", "refit", restart=True, resumable=lambda: False)
-        refitted = full.trained_model(fit(full, rtc, name=run, storage=runs_path, progress=False).best_weights)
-    record = {"rows": "train+validation", "epochs": epochs, "time_s": round(time.perf_counter() - t0, 2),
-              "before_refit": before}
-    return full, refitted, record
+        return full, full.trained_model(full.build_model().state_dict())
+    rtc = tc.model_copy(update={"epochs": epochs, "patience": 0, "keep": "last"})
+    run = f"refit-{name}"
+    runs.prepare(f"{runs_path}/{run}", "refit", restart=True, resumable=lambda: False)
+    return full, full.trained_model(fit(full, rtc, name=run, storage=runs_path, progress=False).best_weights)
 
 
 def _interrupted(grid, st: SweepSettings, elapsed: float) -> bool:
