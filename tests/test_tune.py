@@ -204,10 +204,12 @@ def test_a_family_tunes_with_its_own_sweep_defaults_unless_the_user_sets_them(st
     from densiray.api import RunSpec
     from densiray.tune.sweep import SweepSettings, _plan
 
-    assert families.get("dnmm").tune_defaults == {"grace_period": 30}  # ASHA's first rung (notes/dnmm.md)
+    # ASHA's first rung, and a mixture of up to 4 trials exported (notes/dnmm.md)
+    assert families.get("dnmm").tune_defaults == {"grace_period": 30, "ensemble": 4}
     spec = RunSpec(dataset="moons", **DATA)
     assert _plan("dnmm", spec, {"trials": 2}, SPACE, "p", store).settings.grace_period == 30
     assert _plan("dnmm", spec, {"trials": 2, "grace_period": 5}, SPACE, "p", store).settings.grace_period == 5
     spec.tune = {"grace_period": 7}  # a config file's tune section beats the family too
     assert _plan("dnmm", spec, {"trials": 2}, SPACE, "p", store).settings.grace_period == 7
-    assert SweepSettings().grace_period == 10  # families without their own keep the generic default
+    assert _plan("dnmm", spec, {"trials": 2}, SPACE, "p", store).settings.ensemble == 4
+    assert SweepSettings().grace_period == 10 and SweepSettings().ensemble == 1  # other families: the generic ones
