@@ -169,7 +169,7 @@ def test_greedy_ensemble_selection_adds_members_only_while_the_validation_score_
 
 
 @pytest.mark.slow
-def test_an_ensemble_of_trials_is_exported_refitted_loaded_and_sampled_as_one_density(ray_cluster, store):
+def test_an_ensemble_of_trials_is_exported_refitted_loaded_and_sampled_as_one_density(ray_cluster, store, capsys):
     from densiray.models.dnmm import DNMMEnsemble
 
     data = {**DATA, "model": {**DATA["model"], "min_gain_se": 0}}
@@ -184,6 +184,12 @@ def test_an_ensemble_of_trials_is_exported_refitted_loaded_and_sampled_as_one_de
     assert sum(x["weight"] for x in members) == pytest.approx(1)
     assert m["config"]["ensemble"]["weights"] == pytest.approx([x["weight"] for x in members])
     assert refit["member_epochs"] == [x["best_epoch"] + 1 for x in members]
+    from densiray.cli import print_sweep
+
+    capsys.readouterr()
+    print_sweep(s)  # what densiray tune prints
+    assert [x["trial_id"] for x in s["ensemble"]] == [x["trial_id"] for x in members]
+    assert f"the exported model mixes {len(members)} trials" in capsys.readouterr().out
     model = densiray.load_model("mixed", store=store)
     assert isinstance(model.module, DNMMEnsemble) and len(model.module.members) == len(members)
     x = np.array([[0.5, 0.25], [1.0, -0.4], [-0.8, 0.6]])

@@ -86,6 +86,7 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
             }
             report = {"name": name, "url": url, "trial_id": summary["trial_id"], "config": summary["config"],
                       "trials": summary["trials"], "tune_time_s": summary["tune_time_s"],
+                      "ensemble": summary.get("ensemble") or [],
                       "dnmm": {k: summary["metrics"][k] for k in ("test_log_lik", "test_log_lik_se", "integral", "integral_se")},
                       "baselines": baselines, "http": answers, "plots": summary["plots"], "path": summary["path"],
                       "total_time_s": round(time.perf_counter() - t0, 1)}
@@ -111,6 +112,10 @@ def _print(r: dict, point: list) -> None:
                        for k, v in r["config"].items())
     print()
     print(f"winner     trial {r['trial_id']} of {r['trials']} ({r['tune_time_s']:.0f} s): {config}")
+    if len(r.get("ensemble") or []) > 1:
+        from densiray.cli import mixture_line
+
+        print(f"mixture    {mixture_line(r['ensemble'])}")
     print(f"stored at  {r['path']}")
     print("held-out   test log-likelihood, nats per sample (standardised units, the same split for all):")
     rows = [("DNMM (tuned)", d)] + list(r["baselines"].items())

@@ -359,6 +359,8 @@ def tune(kind: str, dataset: str | None = None, *, config: str | os.PathLike | d
     return {"name": plan.name, "kind": kind, "path": stored.path, "dataset": plan.task.dataset["name"],
             "d": plan.task.dataset.get("d"), "trials": len(rows), "errored": sum(1 for r in rows if r["error"]),
             "trial_id": trial_id, "config": _flat(result.config), "metrics": stored.manifest["metrics"],
+            "ensemble": [{"trial_id": m["trial_id"], "weight": m["weight"]}
+                         for m in (stored.manifest["provenance"].get("ensemble") or {}).get("members", [])],
             "tune_time_s": round(elapsed, 2), "concurrent_trials": concurrent, "resumed": action == "resume",
             "pareto": front, "log": str(log) if log else None, "plots": [f"{stored.path}/{f}" for f in ("report.png", "tune.png", "pareto.png")
                                        if f in stored.manifest["files"]]}
