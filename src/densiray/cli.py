@@ -62,12 +62,6 @@ def _train(args) -> int:
     return 0
 
 
-def mixture_line(members: list[dict]) -> str:
-    """What a sweep that exported a mixture of trials says about it."""
-    return (f"the exported model mixes {len(members)} trials, chosen on the validation rows: "
-            + ", ".join(f"{m['trial_id']} ({m['weight']:.2f})" for m in members) + "  (--ensemble 1: the winner alone)")
-
-
 def print_sweep(s: dict) -> None:
     """A short human summary of a finished sweep and its exported winner."""
     print()
@@ -79,7 +73,7 @@ def print_sweep(s: dict) -> None:
     print(f"winner     trial {s['trial_id']}: " + ", ".join(f"{k.split('.', 1)[1]}={_fmt(v, 4 if isinstance(v, float) and abs(v) >= 0.01 else 6)}"
                                                       for k, v in s["config"].items()))
     if len(s.get("ensemble") or []) > 1:
-        print(f"mixture    {mixture_line(s['ensemble'])}")
+        print(f"mixture    {console.mixture_line(s['ensemble'])}")
     _print_metrics(s["kind"], s["metrics"])
     for p in s.get("plots", []):
         print(f"plot       {p}")

@@ -176,6 +176,12 @@ def quiet_env(verbose: bool) -> None:
         pass
 
 
+def mixture_line(members: list[dict]) -> str:
+    """What ``densiray tune`` and the quickstart say about an exported mixture of trials."""
+    return (f"the exported model mixes {len(members)} trials, chosen on the validation rows: "
+            + ", ".join(f"{m['trial_id']} ({m['weight']:.2f})" for m in members) + "  (--ensemble 1: the winner alone)")
+
+
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 

@@ -12,6 +12,8 @@ import json
 import os
 import time
 
+from densiray import console
+
 
 def _post(url: str, body: dict) -> dict:
     import urllib.request
@@ -73,7 +75,6 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
         baselines[label] = {**_mean_se(lp), "paired": paired(dnmm_lp, lp), **info}
 
     import densiray.serve as ds
-    from densiray import console
 
     with console.logs_to(summary.get("log")):  # Serve's own lines go to the sweep's log too
         url = ds.start(store=store, host=host, port=port)
@@ -113,9 +114,7 @@ def _print(r: dict, point: list) -> None:
     print()
     print(f"winner     trial {r['trial_id']} of {r['trials']} ({r['tune_time_s']:.0f} s): {config}")
     if len(r.get("ensemble") or []) > 1:
-        from densiray.cli import mixture_line
-
-        print(f"mixture    {mixture_line(r['ensemble'])}")
+        print(f"mixture    {console.mixture_line(r['ensemble'])}")
     print(f"stored at  {r['path']}")
     print("held-out   test log-likelihood, nats per sample (standardised units, the same split for all):")
     rows = [("DNMM (tuned)", d)] + list(r["baselines"].items())

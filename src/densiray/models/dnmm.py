@@ -613,7 +613,6 @@ class DNMMEnsemble(nn.Module):
             raise ValueError(f"ensemble weights must be positive, got {weights}")
         self.members = nn.ModuleList(DNMM(c) for c in configs)
         self.register_buffer("log_w", torch.log(w / w.sum()).float())
-        self.cfg = configs[0]
         self.integral_method = f"each member's ({self.members[0].integral_method}), weighted"
 
     @property
@@ -648,20 +647,22 @@ class DNMMEnsemble(nn.Module):
         return samples[torch.randperm(len(samples), generator=gen)], n / max(proposed, 1.0)
 
 
-def select_ensemble(val_log_probs: list[np.ndarray], size: int, max_rounds: int | None = None) -> list[float]:
+def select_ensemble(val_log_probs: list[np.ndarray], size: int) -> list[float]:
     """Weights of a mixture of at most ``size`` of the candidates, by greedy forward selection with
     replacement on their per-row validation log-densities (Caruana et al. 2004): start from the first
     (the sweep's winner), add the candidate that raises the mixture's mean validation log-likelihood most,
     stop when none does. Returns one weight per candidate (0 = left out); ``size`` 1 keeps the winner alone."""
     lp = np.stack([np.asarray(v, dtype=np.float64) for v in val_log_probs])  # (candidates, rows)
+
+    def score(picks: list[int]) -> float:  # mean validation log-likelihood of the equal-weight mixture of picks
+        return float(np.logaddexp.reduce(lp[picks], axis=0).mean() - math.log(len(picks)))
+
     picks = [0]
-    for _ in range(max_rounds or 4 * size):
-        current = np.logaddexp.reduce(lp[picks], axis=0).mean()
+    for _ in range(4 * size):
         allowed = [j for j in range(len(lp)) if j in picks or len(set(picks)) < size]
-        scores = [np.logaddexp.reduce(lp[picks + [j]], axis=0).mean() for j in allowed]
-        best = int(np.argmax(scores))
-        if scores[best] - math.log(len(picks) + 1) <= current - math.log(len(picks)) + 1e-9:
+        best = max(allowed, key=lambda j: score(picks + [j]))
+        if score(picks + [best]) <= score(picks) + 1e-9:
             break
-        picks.append(allowed[best])
+        picks.append(best)
     counts = np.bincount(picks, minlength=len(lp))
     return [float(c) / len(picks) for c in counts]

@@ -389,8 +389,8 @@ def _export_winner(plan: Plan, exportable: dict, trial_id: str, rows, curves, fr
         members, weights, ensemble = _ensemble(plan, members[0], rows, exportable, st.ensemble)
     refit = None
     if st.refit:
-        before = _scores(winner, members[0]["model"] if len(members) == 1 else
-                         winner.ensemble_model([m["model"] for m in members], weights))
+        before = (ensemble["winner_alone"] if ensemble and len(members) == 1
+                  else _scores(winner, _combined(winner, members, weights)))
         print(f"densiray: refitting {'the winner' if len(members) == 1 else f'the {len(members)} members'} on "
               f"train+validation rows for {', '.join(str(_epochs(m)) for m in members)} epochs", flush=True)
         t0 = time.perf_counter()
@@ -402,7 +402,7 @@ def _export_winner(plan: Plan, exportable: dict, trial_id: str, rows, curves, fr
         if len(members) > 1:
             refit["member_epochs"] = [_epochs(m) for m in members]
         winner = members[0]["task"]
-    model = members[0]["model"] if len(members) == 1 else winner.ensemble_model([m["model"] for m in members], weights)
+    model = _combined(winner, members, weights)
     grace = min(st.grace_period, st.epochs)
     provenance = {"sweep": plan.path, "sweep_name": Path(plan.path).name, "trial_id": trial_id,
                   "config": _flat(result.config), "objectives": [list(o) for o in plan.objectives],
@@ -459,6 +459,11 @@ def _ensemble(plan: Plan, winner: dict, rows: list[dict], exportable: dict,
               "members": [{"trial_id": m["trial_id"], "weight": round(w, 6), "best_epoch": m["best_epoch"],
                            plan.metric: m["score"]} for m, w in zip(members, kept)]}
     return members, kept, record
+
+
+def _combined(task, members: list[dict], weights: list[float]):
+    """The one model to export: the member's own, or the Task's mixture of several."""
+    return members[0]["model"] if len(members) == 1 else task.ensemble_model([m["model"] for m in members], weights)
 
 
 def _epochs(member: dict) -> int:
