@@ -234,6 +234,19 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k in ("rmse_ratio_to_bicubic", "coverage_90", "targets")}, indent=2))
 
 
+def _resolved_scales(r: int, k: int = 4, forcing: int = 4) -> str:
+    """What kxk block means of an rxr field resolve, against the forcing wavenumber (where k²E(k) peaks)."""
+    m = r // k
+    head = (f"The {k}x{k} block means of a {r}x{r} field form a {m}x{m} grid whose Nyquist wavenumber ({m // 2}) ")
+    if m // 2 <= forcing:
+        return head + (f"is the forcing's ({forcing}), where the enstrophy spectrum peaks: most of the vorticity is "
+                       "below what the observations resolve, so the 0.5 x bicubic target is out of reach of any "
+                       "posterior mean on this data (see notes/diffusion.md).")
+    return head + (f"is above the forcing's ({forcing}), where the enstrophy spectrum peaks: the observations resolve "
+                   "the energetic scales, and what the prior knows of the finer ones is what takes its posterior mean "
+                   "below the linear estimator's error.")
+
+
 def write_markdown(res: dict, path: Path) -> None:
     c4, s5, st = res["coarse_4x"], res["sensors_5pct"], res["setting"]
     ll = res["log_likelihood"]
@@ -266,11 +279,9 @@ def write_markdown(res: dict, path: Path) -> None:
         "",
         f"What the coarse field can tell: the best estimator linear in y (the Wiener filter with the training "
         f"fields' own covariance) reaches {c4['wiener_ratio_to_bicubic']:.3f} of bicubic's RMSE, and its posterior "
-        f"std ({c4['wiener_posterior_sd']:.2f}) is most of the field's; the diffusion posterior mean, with the "
+        f"std is {c4['wiener_posterior_sd']:.2f}; the diffusion posterior mean, with the "
         f"Monte-Carlo error of {st['posterior']['n']} samples removed, reaches {c4['ratio_n_inf_to_bicubic']:.3f}. "
-        "The 4x4 block means of a 32x32 grid are an 8x8 grid whose Nyquist wavenumber (4) is the forcing's, where "
-        "the enstrophy spectrum peaks: most of the vorticity is below what the observations resolve, so the "
-        "0.5 x bicubic target is out of reach of any posterior mean on this data (see notes/diffusion.md).",
+        + _resolved_scales(st["resolution"]),
         "",
         "| 5 % sensors, sigma 0.1 | value |", "|---|---|",
         f"| RMSE posterior mean | {s5['rmse']:.4f} |", f"| RMSE thin-plate RBF | {s5['rmse_rbf']:.4f} |",
