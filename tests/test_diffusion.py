@@ -188,6 +188,9 @@ def test_condition_validates_its_input():
         (dict(coarse=np.zeros((4, 4)), method="x"), "method"),
         (dict(coarse=np.zeros((4, 4)), corrections=-1), "corrections must"),
         (dict(coarse=np.zeros((4, 4)), tau=0), "tau"),
+        # a guidance too stiff for the step count blows the samples up without a NaN: refused, not returned
+        (dict(sensors=[[i, j, 1.0] for i, j in zip(range(0, 16, 2), range(1, 16, 2))], gamma=1e-3, steps=16),
+         "diverged .* raise steps"),
     ]
     for kwargs, msg in cases:
         with pytest.raises(DataError, match=msg):
@@ -248,7 +251,7 @@ def test_train_export_load_and_condition(ray_cluster, store, cache, tmp_path):
     cond_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["condition", "kolmo", "--coarse", str(tmp_path / "coarse.npy"), "--sensors",
                               str(tmp_path / "sensors.csv"), "--truth", str(tmp_path / "truth.npy"), "--n", "3",
-                              "--steps", "4", "--store", store, "--out", str(tmp_path / "out")])
+                              "--steps", "16", "--store", store, "--out", str(tmp_path / "out")])
     assert cond_cli.run(args) == 0
     mean = np.load(tmp_path / "out" / "mean.npy")
     assert mean.shape == (16, 16) and np.load(tmp_path / "out" / "std.npy").shape == (16, 16)

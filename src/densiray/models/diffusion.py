@@ -468,6 +468,7 @@ def condition(denoise: Denoiser, op: Observation, y: torch.Tensor, sigma_y: floa
 
 MAX_N, MAX_STEPS = 512, 2000
 DEFAULT_GAMMA, DEFAULT_CORRECTIONS, DEFAULT_TAU = 0.16, 0, 0.5
+DIVERGED = 10.0  # standardised units: a posterior sample's RMS, or its RMS miss of the observations
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:
@@ -643,6 +644,14 @@ class DiffusionModel:
         x = self._denorm(z.double().numpy())
         if not np.isfinite(x).all():
             raise DataError("posterior sampling diverged (NaN); lower zeta or raise gamma")
+        # A too stiff guidance (gamma small for the step count) blows the samples up without a NaN: fields at
+        # many times the data's scale, or missing the observations by many of the data's standard deviations
+        # (both in standardised units, where the data has std 1)
+        scale = float(z.double().pow(2).mean().sqrt())
+        miss = float((op(z.float()) - torch.as_tensor(y_norm, dtype=torch.float32)).pow(2).mean().sqrt())
+        if max(scale, miss) > DIVERGED:
+            raise DataError(f"posterior sampling diverged (samples at {scale:.3g}x the data's scale, missing the "
+                            f"observations by {miss:.3g} data stds): raise steps (now {steps}) or gamma, or lower zeta")
         squeeze = (lambda a: a[..., 0, :, :]) if self.shape[0] == 1 else (lambda a: a)  # noqa: E731
         out = {"mean": squeeze(x.mean(0)), "std": squeeze(x.std(0, ddof=1) if n > 1 else np.zeros(self.shape)),
                "n": n, "steps": steps, "method": method, "noise": noise, "factor": op.factor,
