@@ -646,10 +646,10 @@ class DiffusionModel:
             raise DataError("posterior sampling diverged (NaN); lower zeta or raise gamma")
         # A too stiff guidance (gamma small for the step count) blows the samples up without a NaN: fields at
         # many times the data's scale, or missing the observations by many of the data's standard deviations
-        # (both in standardised units, where the data has std 1)
+        # beyond their own noise (both in standardised units, where the data has std 1)
         scale = float(z.double().pow(2).mean().sqrt())
         miss = float((op(z.float()) - torch.as_tensor(y_norm, dtype=torch.float32)).pow(2).mean().sqrt())
-        if max(scale, miss) > DIVERGED:
+        if scale > DIVERGED or miss > DIVERGED + 3 * float(sigma_y.max()):
             raise DataError(f"posterior sampling diverged (samples at {scale:.3g}x the data's scale, missing the "
                             f"observations by {miss:.3g} data stds): raise steps (now {steps}) or gamma, or lower zeta")
         squeeze = (lambda a: a[..., 0, :, :]) if self.shape[0] == 1 else (lambda a: a)  # noqa: E731
