@@ -245,7 +245,7 @@ def _with_scheme(path: str, like: str) -> str:
     return path
 
 
-def export_trained(task, weights: dict, *, name: str, store: str | None, provenance: dict, train_config: dict,
+def export_trained(task, weights: dict | None, *, name: str, store: str | None, provenance: dict, train_config: dict,
                    title: str, plot: bool = True, model=None, extra_files: dict[str, bytes] | None = None):
     """Rebuild the trained model from ``weights`` (or take ``model``), draw its report and export it to the
     store with ``provenance``; returns the StoredModel read back (hashes verified)."""

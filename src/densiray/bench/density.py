@@ -99,7 +99,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
     """Run the benchmark; writes ``density.json``, ``density.md`` and plots into ``out``."""
     from densiray import families
     from densiray.api import RunSpec, build_task
-    from densiray.store import Store, load_model
+    from densiray.store import load_model
     from densiray.tune.sweep import SweepSettings, tune
 
     out = Path(out)
@@ -142,7 +142,7 @@ def run(datasets: list[str], out: str | Path, *, trials: int = 24, epochs: int =
         row["estimators"]["dnmm"] = {**_summary(lp), "fit_time_s": s["tune_time_s"], "trials": s["trials"],
                                      "config": s["config"], "integral": s["metrics"]["integral"],
                                      "integral_se": s["metrics"]["integral_se"]}
-        provenance = Store(store).read(s["name"]).manifest["provenance"]
+        provenance = model.manifest["provenance"]
         if provenance.get("ensemble"):  # the winner alone, and the mixture's members and weights
             ens = provenance["ensemble"]
             row["estimators"]["dnmm"]["ensemble"] = {

@@ -421,13 +421,13 @@ def _export_winner(plan: Plan, exportable: dict, trial_id: str, rows, curves, fr
         if front:
             extra["pareto.csv"] = _csv(front)
             extra["pareto.png"] = pareto_plot(rows, front, trial_id, plan.objectives, title=f"{plan.name}: Pareto front")
-    return api.export_trained(winner, members[0]["weights"], model=model, name=plan.name, store=store,
+    return api.export_trained(winner, None, model=model, name=plan.name, store=store,
                               provenance=provenance, train_config=winner_tc.model_dump(), plot=plot, extra_files=extra,
                               title=f"{plan.name}: tuned {plan.kind} on {plan.task.dataset['name']}")
 
 
 def _member(plan: Plan, result, trial_id: str) -> dict:
-    """A trial's exported best epoch: its Task, engine settings, weights and inference-ready model."""
+    """A trial's exported best epoch: its Task, engine settings and inference-ready model."""
     from safetensors.torch import load_file
 
     from densiray.train.engine import TrainConfig
@@ -435,7 +435,7 @@ def _member(plan: Plan, result, trial_id: str) -> dict:
     with _checkpoint(result, plan).as_directory() as d:
         weights = load_file(os.path.join(d, "best.safetensors"))
     task = plan.task.with_model(result.config.get("model", {}))
-    return {"trial_id": trial_id, "task": task, "weights": weights, "model": task.trained_model(weights),
+    return {"trial_id": trial_id, "task": task, "model": task.trained_model(weights),
             "tc": TrainConfig(**{**plan.train.model_dump(), **result.config.get("train", {})}),
             "best_epoch": result.metrics.get("best_epoch"), "score": result.metrics.get(plan.metric)}
 
