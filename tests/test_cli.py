@@ -20,6 +20,7 @@ model:
   hidden: 32
   integration_samples: 256
   eval_integration_samples: 4096
+  export_integration_samples: 16384
 train:
   lr: 0.01
   patience: 0

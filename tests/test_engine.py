@@ -15,7 +15,8 @@ import densiray
 from densiray.api import RunSpec, build_task, runs_uri
 from densiray.train.engine import TrainConfig, fit, worker_staging_dir
 
-SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
+SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096,
+         "export_integration_samples": 16384}
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ OPT_IN = pytest.mark.skipif(not os.environ.get("DENSIRAY_MULTINODE"),
                             reason="opt-in multi-node test (DENSIRAY_MULTINODE=1): ~2 min on 2 cores")
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
+SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096,
+         "export_integration_samples": 16384}
 SMALL_FLAGS = ["--config", None]  # filled by the fixture with a YAML file holding SMALL
 # long enough that `ray job stop`, sent at the first checkpoint, lands before the run ends on a quiet machine
 EPOCHS = 20
@@ -53,7 +54,9 @@ def cluster():
     from densiray.cluster import LocalCluster, client_auth
 
     root = tempfile.mkdtemp(prefix="drc")  # short: Ray's socket paths must stay under 107 characters
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)}
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).strip(os.pathsep),
+           # a killed node is declared dead after 5 failed health checks: 1 s apart instead of Ray's 3 s
+           "RAY_health_check_period_ms": "1000"}
     c = LocalCluster(root=root, env=env).up(timeout=1200, attempts=5)  # a busy 2-core machine starts nodes slowly
     try:
         client_auth()
@@ -182,9 +185,9 @@ def half_written(store: str) -> list[str]:
 
 
 def summary_from(text: str) -> dict:
-    """The JSON summary ``train --json`` prints last."""
+    """The JSON summary ``train --json`` prints last (Ray may stream a node's death notice after it)."""
     start = text.rfind("\n{")
-    return json.loads(text[start + 1:] if start >= 0 else text[text.index("{"):])
+    return json.JSONDecoder().raw_decode(text[start + 1:] if start >= 0 else text[text.index("{"):])[0]
 
 
 def _replica_nodes(cluster) -> list[str]:
@@ -241,7 +244,7 @@ def test_serve_on_two_nodes_keeps_answering_when_one_is_lost(cluster, config_fil
     assert set(_hammer(url, 3)) == {200}
 
     cluster.kill_node("node_b")
-    during = _hammer(url, 20)
+    during = _hammer(url, 12)
     (tmp_path / "during.json").write_text(json.dumps(during))  # kept by pytest: what clients saw
     failed = [c for c in during if c != 200]
     assert during.count(200) >= 0.9 * len(during), failed  # the other replica keeps answering
@@ -309,11 +312,14 @@ def test_a_sweep_survives_a_lost_node(cluster, config_file, tmp_path):
 
     trials = Store(store).read("swept").manifest["provenance"]["trials"]  # hashes verified
     assert len(trials) == 4
-    # the trial node_b took down ran on in a new process, from its checkpoint (no epoch reported twice)
+    # the trial node_b took down ran on in a new process, from its checkpoint (no epoch trained twice). The
+    # epochs, not Tune's iteration counter: when the node dies between a report and Tune's registration of
+    # its checkpoint, Tune restores its counter one behind while the engine resumes from the newest complete
+    # checkpoint on disk (the epoch Tune had not registered is not trained again)
     retried = []
     for result in exp.glob("_trial_*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        assert [r["training_iteration"] for r in rows] == list(range(1, len(rows) + 1)), result
+        assert [r["epoch"] for r in rows] == list(range(len(rows))), result
         if len({r["pid"] for r in rows}) > 1:
             retried.append(result.parent.name)
     assert retried, "no trial was running on node_b when it died"

@@ -177,7 +177,8 @@ def make_store(root: Path, toys: bool = True) -> str:
     from densiray.api import RunSpec, build_task
 
     store = str(root / "models")
-    task = build_task("dnmm", RunSpec(dataset="moons", n=400, model={"components": 4, "hidden": 16}))
+    task = build_task("dnmm", RunSpec(dataset="moons", n=400, model={"components": 4, "hidden": 16,
+                                                                   "export_integration_samples": 16384}))
     task.export(task.trained_model(task.build_model().state_dict()), store=store, name="moons", provenance={})
     export_copy(store, "moons", "moons-shifted", shift=0.7)
     for name in ("tampered", "edited", "broken"):

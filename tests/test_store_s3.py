@@ -40,7 +40,8 @@ S3_ENV = {
 os.environ.update(S3_ENV)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 
-SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096}
+SMALL = {"components": 4, "hidden": 32, "integration_samples": 256, "eval_integration_samples": 4096,
+         "export_integration_samples": 16384}
 
 
 @pytest.fixture(scope="module")

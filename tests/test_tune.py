@@ -19,7 +19,7 @@ from densiray.train.engine import tune_staging_dir, worker_staging_dir
 from densiray.tune.sweep import tune
 
 DATA = {"n": 600, "model": {"components": 2, "covariance": "full", "integration_samples": 128,
-                            "eval_integration_samples": 2048}}
+                            "eval_integration_samples": 2048, "export_integration_samples": 16384}}
 SPACE = {"model.hidden": {"choice": [8, 16]}, "model.depth": {"randint": [1, 2]},
          "train.lr": {"loguniform": [1e-3, 2e-2]}}
 

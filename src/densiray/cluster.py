@@ -296,9 +296,9 @@ class LocalCluster:
         raise KeyError(f"no node {name!r}; nodes: {[n.name for n in self.nodes]}")
 
     def down(self) -> None:
-        """Stop the worker nodes, then the head: each by its own process group, nothing else."""
-        for node in reversed(self.nodes):
-            _stop_group(node.pid)
+        """Stop every node at once (SIGTERM, one grace period for all, then SIGKILL): each by its own process
+        group, nothing else."""
+        _stop_group(*(node.pid for node in reversed(self.nodes)))
         for node in self.nodes:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
@@ -338,27 +338,33 @@ def _raylet_pid(pid: int) -> int | None:
     return None
 
 
-def _stop_group(pid: int, grace: float = 15.0) -> None:
-    """Stop a node: SIGTERM its ``ray start`` process (which shuts its Ray processes down), then SIGKILL
-    whatever is left of its process group and descendants. Only that node's processes are touched."""
+def _stop_group(*pids: int, grace: float = 15.0) -> None:
+    """Stop nodes: SIGTERM each one's ``ray start`` process (which shuts its Ray processes down), wait up to
+    ``grace`` seconds for all of them together, then SIGKILL whatever is left of their process groups and
+    descendants. Only those nodes' processes are touched."""
     import psutil
 
-    try:
-        leader = psutil.Process(pid)
-        procs = [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
+    procs = []
+    for pid in pids:
+        try:
+            leader = psutil.Process(pid)
+            procs += [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=5)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if this process started it
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if this process started it
 
 
 # --------------------------------------------------------------------------------------------------

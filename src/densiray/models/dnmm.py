@@ -73,6 +73,9 @@ class DNMMConfig(BaseModel):
     integration_samples: int = Field(512, ge=16, description="Monte Carlo samples per component per step")
     eval_integration_samples: int = Field(16384, ge=256, description="samples per component for evaluation "
                                           "(a fixed draw: every epoch is scored on the same points)")
+    export_integration_samples: int = Field(131072, ge=1024, description="samples per component that freeze the "
+                                            "trained model's normalisers, and draws of its recorded integral check "
+                                            "(each); their cost grows with it, their noise shrinks as 1/sqrt")
     box_margin: float = Field(0.1, ge=0, description="bounded variant: box = data range widened by this fraction")
     init: Literal["gmm", "random"] = Field("gmm", description="start the base Gaussians from a fitted GMM")
     train_base: bool | None = Field(

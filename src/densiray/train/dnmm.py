@@ -236,7 +236,7 @@ class DNMMTask(Task):
         if model.warp is not None:
             model.warp.requires_grad_(False)
         model.eval()
-        model.freeze_normalizers(n=131072, seed=0)
+        model.freeze_normalizers(n=self.config.export_integration_samples, seed=0)
         return model
 
     @torch.no_grad()
@@ -256,13 +256,14 @@ class DNMMTask(Task):
         test, test_se, test_outside = mean_se(self.test_x)
         val, _, _ = mean_se(self.val_x)
         train, _, _ = mean_se(self.train_x)
-        integral, integral_se = model.integral(n=131072, seed=1)
+        draws = self.config.export_integration_samples
+        integral, integral_se = model.integral(n=draws, seed=1)
         _, efficiency = model.sample(512, seed=0)  # accepted / proposed of the exact rejection sampler
         out = {"test_log_lik": test, "test_log_lik_se": test_se, "val_log_lik": val, "train_log_lik": train,
                "log_lik_units": "nats per sample of standardised rows",
                "data_log_abs_det": self.transform.log_abs_det(),
                "integral": integral, "integral_se": integral_se,
-               "integral_method": f"{model.integral_method}, 131072 draws, seed 1"}
+               "integral_method": f"{model.integral_method}, {draws} draws, seed 1"}
         out["sampling_efficiency"] = efficiency
         out["test_outside_support"] = test_outside
         out["dim"] = self.config.dim
