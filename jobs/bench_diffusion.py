@@ -108,7 +108,7 @@ def main() -> None:
     import densiray.api as dr
     from densiray.bench import scratch_dir
     from densiray.data.fields import field_statistics
-    from densiray.models.diffusion import DEFAULT_CORRECTIONS, DEFAULT_GAMMA
+    from densiray.models.diffusion import DEFAULT_CORRECTIONS
     from densiray.store import load_model
     from densiray.train.diffusion import DiffusionTask
 
@@ -137,7 +137,7 @@ def main() -> None:
     post_kw = {key: getattr(args, key) for key in ("gamma", "corrections") if getattr(args, key) is not None}
     load0 = os.getloadavg()[0]
 
-    coarse_rows, sensor_rows, examples = [], [], {}
+    coarse_rows, sensor_rows, examples, gamma_used = [], [], {}, {}
     t1 = time.perf_counter()
     for idx in pick:
         truth = test[idx]
@@ -145,6 +145,7 @@ def main() -> None:
         out = model.condition(coarse=coarse, noise=sigma, n=args.n, steps=args.steps, seed=int(idx),
                               return_samples=True, **post_kw)
         mean, std, samples = out["mean"], out["std"], out["samples"]
+        gamma_used["coarse"] = out["gamma"]["coarse"]
         base = bicubic(coarse, k)
         resid = samples.reshape(args.n, r // k, k, r // k, k).mean(axis=(2, 4)) - coarse[None]
         err = mean - truth
@@ -160,6 +161,7 @@ def main() -> None:
         ii, jj = flat // r, flat % r
         sens = np.stack([ii, jj, truth[ii, jj] + sigma * rng.normal(size=m)], 1)
         so = model.condition(sensors=sens, noise=sigma, n=args.n, steps=args.steps, seed=int(idx) + 1, **post_kw)
+        gamma_used["sensors"] = so["gamma"]["sensors"]
         rb = rbf(sens, (r, r))
         sensor_rows.append({"rmse": float(np.sqrt(((so["mean"] - truth) ** 2).mean())),
                             "rmse_rbf": float(np.sqrt(((rb - truth) ** 2).mean())),
@@ -187,9 +189,10 @@ def main() -> None:
                     "hardware": f"CPU only, 2 cores shared with other jobs (1-min load average {load0:.1f} before "
                                 f"conditioning, {os.getloadavg()[0]:.1f} after), 1 torch thread",
                     "train_wall_s": round(train_wall, 1), "condition_wall_s": round(cond_wall, 1),
+                    "reused_prior": bool(args.reuse),
                     "budget": args.budget_note or f"{args.epochs} epochs, workers 0 (in-process engine)",
                     "posterior": {"method": "gaussian (score-based data assimilation)",
-                                  "gamma": post_kw.get("gamma", DEFAULT_GAMMA),
+                                  "gamma": gamma_used,
                                   "corrections": post_kw.get("corrections", DEFAULT_CORRECTIONS),
                                   "n": args.n, "steps": args.steps, "sampler": "EDM Heun"},
                     "held_out_fields": len(pick),
@@ -247,6 +250,14 @@ def _resolved_scales(r: int, k: int = 4, forcing: int = 4) -> str:
                    "below the linear estimator's error.")
 
 
+def _gamma_text(g) -> str:
+    """The posterior's gamma: one number, or the block-mean and point-sensor rows' (results since the per-row
+    default)."""
+    if isinstance(g, dict):
+        return f"{g['coarse']:g} for block means, {g['sensors']:g} for point sensors"
+    return f"{g:g}"
+
+
 def write_markdown(res: dict, path: Path) -> None:
     c4, s5, st = res["coarse_4x"], res["sensors_5pct"], res["setting"]
     ll = res["log_likelihood"]
@@ -256,8 +267,12 @@ def write_markdown(res: dict, path: Path) -> None:
         f"{st['resolution']}x{st['resolution']} vorticity fields ({st['fields']}); split by trajectory "
         f"{st['split']}. U-Net base {st['model']['base']}, EDM preconditioning, EMA {st['model']['ema_decay']}; "
         f"{res['training']['epochs_run']} epochs (batch {st['train']['batch_size']}, lr {st['train']['lr']}) in "
-        f"{st['train_wall_s']:.0f} s of training ({st['budget']}); {st['hardware']}. Posterior: "
-        f"{st['posterior']['method']}, gamma {st['posterior']['gamma']}, {st['posterior'].get('corrections', 0)} "
+        f"{res['training']['train_time_s']:.0f} s of training ("
+        + ("the prior exported by an earlier run of this job, conditioned again with --reuse; " if st.get("reused_prior")
+           else f"{st['train_wall_s']:.0f} s wall with the data's simulation or loading; ")
+        + f"{st['budget']}); {st['hardware']}. Posterior: "
+        f"{st['posterior']['method']}, gamma {_gamma_text(st['posterior']['gamma'])}, "
+        f"{st['posterior'].get('corrections', 0)} "
         f"Langevin corrections per step, n = {st['posterior']['n']} samples, "
         f"{st['posterior']['steps']} Heun steps; {st['held_out_fields']} held-out fields.",
         "",

@@ -172,6 +172,10 @@ def test_condition_validates_its_input():
                       return_samples=True)
     assert out["mean"].shape == (16, 16) and out["std"].shape == (16, 16) and out["samples"].shape == (3, 16, 16)
     assert out["factor"] == 4 and out["sensors"] == 2
+    # default gamma per row: block means 0.16, point sensors 4/steps (never above 0.16)
+    assert out["gamma"] == {"coarse": 0.16, "sensors": 0.16}
+    assert m.condition(sensors=[[0, 0, 1.0]], n=2, steps=64)["gamma"] == {"coarse": None, "sensors": 4 / 64}
+    assert m.condition(coarse=np.zeros((4, 4)), n=2, steps=4, gamma=0.3)["gamma"] == {"coarse": 0.3, "sensors": None}
     assert m.sample(2, seed=0, steps=3).shape == (2, 1, 16, 16)
     cases = [
         (dict(coarse=np.zeros((5, 5))), "does not tile"),
@@ -188,6 +192,7 @@ def test_condition_validates_its_input():
         (dict(coarse=np.zeros((4, 4)), method="x"), "method"),
         (dict(coarse=np.zeros((4, 4)), corrections=-1), "corrections must"),
         (dict(coarse=np.zeros((4, 4)), tau=0), "tau"),
+        (dict(coarse=np.zeros((4, 4)), gamma=-0.1), "gamma must"),
         # a guidance too stiff for the step count blows the samples up without a NaN: refused, not returned
         (dict(sensors=[[i, j, 1.0] for i, j in zip(range(0, 16, 2), range(1, 16, 2))], gamma=1e-3, steps=16),
          "diverged .* raise steps"),

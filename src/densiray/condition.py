@@ -33,7 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=64, help="sampler steps (default 64)")
     c.add_argument("--method", choices=["gaussian", "dps"], default="gaussian",
                    help="likelihood-score approximation: gaussian (score-based data assimilation) or dps")
-    c.add_argument("--gamma", type=float, help="gaussian: variance term gamma (default 0.16)")
+    c.add_argument("--gamma", type=float, help="gaussian: variance term gamma for every row (default: 0.16 for block means, "
+                   "min(0.16, 4/steps) for point sensors)")
     c.add_argument("--zeta", type=float, help="dps: step size zeta (default 0.5)")
     c.add_argument("--corrections", type=int, help="gaussian: Langevin corrector steps after each step (default 0)")
     c.add_argument("--seed", type=int, default=0)
