@@ -474,12 +474,12 @@ DEFAULT_GAMMA, DEFAULT_CORRECTIONS, DEFAULT_TAU = 0.16, 0, 0.5
 # 0.05 0.93x, while 0.02 diverged at 64 steps and 0.04 at 32 (notes/diffusion.md). Default for point rows:
 # POINT_GAMMA_STEPS / steps (0.0625 at 64 steps), about twice the stability edge; never above DEFAULT_GAMMA.
 POINT_GAMMA_STEPS = 4.0
+DIVERGED = 10.0  # standardised units: a posterior sample's RMS, or its RMS miss of the observations
 
 
 def default_gamma(steps: int) -> tuple[float, float]:
     """The default (block-mean rows, point-sensor rows) gamma for ``steps`` sampler steps."""
     return DEFAULT_GAMMA, min(DEFAULT_GAMMA, POINT_GAMMA_STEPS / steps)
-DIVERGED = 10.0  # standardised units: a posterior sample's RMS, or its RMS miss of the observations
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:
