@@ -67,6 +67,7 @@ def test_exported_density_integrates_to_one_and_manifest_agrees(moons_run):
     assert abs(mass - 1) < 0.02
     m = manifest["metrics"]
     assert abs(m["integral"] - mass) < max(4 * m["integral_se"], 5e-3)
+    assert m["integral_method"].endswith(", 16384 draws, seed 1")  # the model's export_integration_samples
 
 
 def test_samples_match_the_exported_model(moons_run):
