@@ -137,7 +137,7 @@ def main() -> None:
     post_kw = {key: getattr(args, key) for key in ("gamma", "corrections") if getattr(args, key) is not None}
     load0 = os.getloadavg()[0]
 
-    coarse_rows, sensor_rows, examples, gamma_used = [], [], {}, {}
+    coarse_rows, sensor_rows, examples = [], [], {}
     t1 = time.perf_counter()
     for idx in pick:
         truth = test[idx]
@@ -145,7 +145,6 @@ def main() -> None:
         out = model.condition(coarse=coarse, noise=sigma, n=args.n, steps=args.steps, seed=int(idx),
                               return_samples=True, **post_kw)
         mean, std, samples = out["mean"], out["std"], out["samples"]
-        gamma_used["coarse"] = out["gamma"]["coarse"]
         base = bicubic(coarse, k)
         resid = samples.reshape(args.n, r // k, k, r // k, k).mean(axis=(2, 4)) - coarse[None]
         err = mean - truth
@@ -161,7 +160,6 @@ def main() -> None:
         ii, jj = flat // r, flat % r
         sens = np.stack([ii, jj, truth[ii, jj] + sigma * rng.normal(size=m)], 1)
         so = model.condition(sensors=sens, noise=sigma, n=args.n, steps=args.steps, seed=int(idx) + 1, **post_kw)
-        gamma_used["sensors"] = so["gamma"]["sensors"]
         rb = rbf(sens, (r, r))
         sensor_rows.append({"rmse": float(np.sqrt(((so["mean"] - truth) ** 2).mean())),
                             "rmse_rbf": float(np.sqrt(((rb - truth) ** 2).mean())),
@@ -192,7 +190,7 @@ def main() -> None:
                     "reused_prior": bool(args.reuse),
                     "budget": args.budget_note or f"{args.epochs} epochs, workers 0 (in-process engine)",
                     "posterior": {"method": "gaussian (score-based data assimilation)",
-                                  "gamma": gamma_used,
+                                  "gamma": {"coarse": out["gamma"]["coarse"], "sensors": so["gamma"]["sensors"]},
                                   "corrections": post_kw.get("corrections", DEFAULT_CORRECTIONS),
                                   "n": args.n, "steps": args.steps, "sampler": "EDM Heun"},
                     "held_out_fields": len(pick),

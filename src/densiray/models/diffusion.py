@@ -401,15 +401,19 @@ class Observation:
             parts.append(x[:, c, i, j])
         return torch.cat(parts, dim=1)
 
-    def weights(self) -> torch.Tensor:
-        """‖a_i‖² of every row of A: 1/k² for block means, 1 for point sensors."""
+    def per_row(self, block: float, point: float) -> torch.Tensor:
+        """One value per row of A: ``block`` for the block means, ``point`` for the point sensors."""
         c, h, w = self.shape
         parts = []
         if self.factor is not None:
-            parts.append(torch.full((c * (h // self.factor) * (w // self.factor),), 1.0 / self.factor**2))
+            parts.append(torch.full((c * (h // self.factor) * (w // self.factor),), float(block)))
         if self.sensors is not None:
-            parts.append(torch.ones(len(self.sensors)))
+            parts.append(torch.full((len(self.sensors),), float(point)))
         return torch.cat(parts)
+
+    def weights(self) -> torch.Tensor:
+        """‖a_i‖² of every row of A: 1/k² for block means, 1 for point sensors."""
+        return self.per_row(1.0 / self.factor**2 if self.factor else 0.0, 1.0)
 
     @property
     def size(self) -> int:
@@ -480,6 +484,14 @@ DIVERGED = 10.0  # standardised units: a posterior sample's RMS, or its RMS miss
 def default_gamma(steps: int) -> tuple[float, float]:
     """The default (block-mean rows, point-sensor rows) gamma for ``steps`` sampler steps."""
     return DEFAULT_GAMMA, min(DEFAULT_GAMMA, POINT_GAMMA_STEPS / steps)
+
+
+def _float(value) -> float:
+    """``value`` as a float, NaN when it is not a number (the caller's range check then refuses it)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:
@@ -623,10 +635,7 @@ class DiffusionModel:
         """
         n = _int(n, "n", 1, MAX_N)
         steps = _int(steps, "steps", 1, MAX_STEPS)
-        try:
-            noise = float(noise)
-        except (TypeError, ValueError):
-            noise = float("nan")
+        noise = _float(noise)
         if not math.isfinite(noise) or noise <= 0:
             raise DataError(f"noise must be a positive number, got {noise!r}")
         if method not in ("gaussian", "dps"):
@@ -641,25 +650,17 @@ class DiffusionModel:
         if gamma is None:  # per row: block means and point sensors (see default_gamma)
             g_block, g_point = default_gamma(steps)
         else:
-            try:
-                g_block = g_point = float(gamma)
-            except (TypeError, ValueError):
-                g_block = g_point = float("nan")
+            g_block = g_point = _float(gamma)
             if not math.isfinite(g_block) or g_block <= 0:
                 raise DataError(f"gamma must be a positive number, got {gamma!r}")
-        n_block = op.size - (0 if op.sensors is None else len(op.sensors))
-        gamma_rows = torch.cat([torch.full((n_block,), g_block), torch.full((op.size - n_block,), g_point)])
         zeta = 0.5 if zeta is None else float(zeta)
         g = torch.Generator().manual_seed(int(seed))
         c = self.config
         corrections = DEFAULT_CORRECTIONS if corrections is None else _int(corrections, "corrections", 0, 8)
-        try:
-            tau = DEFAULT_TAU if tau is None else float(tau)
-        except (TypeError, ValueError):
-            tau = float("nan")
+        tau = DEFAULT_TAU if tau is None else _float(tau)
         if not 0 < tau <= 2:
             raise DataError(f"tau must be in (0, 2], got {tau!r}")
-        z = condition(self._den, op, torch.as_tensor(y_norm), sigma_y, n, steps=steps, method=method, gamma=gamma_rows,
+        z = condition(self._den, op, torch.as_tensor(y_norm), sigma_y, n, steps=steps, method=method, gamma=op.per_row(g_block, g_point),
                       zeta=zeta, sampler=sampler, churn=churn, sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho,
                       generator=g, corrections=corrections, tau=tau)
         x = self._denorm(z.double().numpy())
