@@ -182,6 +182,8 @@ def main() -> None:
         "setting": {"resolution": r, "fields": "Kolmogorov flow, Re 1000, drag 0.1, forcing sin(4y); simulated "
                                               f"on {SIMULATION['fine']}x{SIMULATION['fine']} and block-averaged",
                     "simulation": SIMULATION, "split": task.dataset["split"], "model": model_cfg,
+                    # the training fields' symmetry group, as the exported prior's manifest records it
+                    "symmetry": model.manifest.get("config", {}).get("dataset", {}).get("symmetry", "none"),
                     "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "workers": 0,
                               "schedule": args.schedule},
                     "hardware": f"CPU only, 2 cores shared with other jobs (1-min load average {load0:.1f} before "
@@ -248,6 +250,14 @@ def _resolved_scales(r: int, k: int = 4, forcing: int = 4) -> str:
                    "below the linear estimator's error.")
 
 
+def _symmetry_text(kind: str) -> str:
+    """How the training fields were augmented (``model.symmetry``)."""
+    return {"none": "no data augmentation",
+            "kolmogorov": "training fields augmented by Kolmogorov flow's symmetries (shifts in x; x -> -x with "
+                          "a half-period shift in y and the sign flipped)",
+            "translations": "training fields augmented by periodic shifts"}.get(kind, kind)
+
+
 def _gamma_text(g) -> str:
     """The posterior's gamma: one number, or the block-mean and point-sensor rows' (results since the per-row
     default)."""
@@ -263,7 +273,8 @@ def write_markdown(res: dict, path: Path) -> None:
         "# Diffusion prior on Kolmogorov flow: zero-shot conditioning on held-out fields",
         "",
         f"{st['resolution']}x{st['resolution']} vorticity fields ({st['fields']}); split by trajectory "
-        f"{st['split']}. U-Net base {st['model']['base']}, EDM preconditioning, EMA {st['model']['ema_decay']}; "
+        f"{st['split']}. U-Net base {st['model']['base']}, EDM preconditioning, EMA {st['model']['ema_decay']}, "
+        f"{_symmetry_text(st.get('symmetry', 'none'))}; "
         f"{res['training']['epochs_run']} epochs (batch {st['train']['batch_size']}, lr {st['train']['lr']}) in "
         f"{res['training']['train_time_s']:.0f} s of training ("
         + ("the prior exported by an earlier run of this job, conditioned again with --reuse; " if st.get("reused_prior")

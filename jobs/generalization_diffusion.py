@@ -94,7 +94,9 @@ def main() -> None:
             epochs = max(2, math.ceil(args.opt_steps / per_epoch))
             t0 = time.perf_counter()
             dr.train("diffusion", str(path), name=name, store=str(work / "store"), restart=True, plot=False,
-                     overrides={"model": {"base": args.base, "mults": [1, 2, 2], "ema_decay": 0.995},
+                     overrides={"model": {"base": args.base, "mults": [1, 2, 2], "ema_decay": 0.995,
+                                          # N counts the fields as seen (the .npy halves' default too)
+                                          "symmetry": "none"},
                                 "train": {"epochs": epochs, "workers": 0, "batch_size": bs, "lr": 2e-3,
                                           "patience": 0, "zero_stage": 0, "schedule": "cosine",
                                           "warmup_fraction": 0.02, "checkpoint_every": max(1, epochs // 8),

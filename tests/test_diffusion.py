@@ -13,13 +13,14 @@ import torch
 from densiray.capabilities import ConditionalSampler, capabilities
 from densiray.data.fields import (
     KolmogorovConfig,
+    Symmetry,
     field_statistics,
     kolmogorov,
     load_fields,
     simulate_kolmogorov,
     steady_state,
 )
-from densiray.errors import DataError
+from densiray.errors import ConfigError, DataError
 from densiray.models.diffusion import (
     DiffusionConfig,
     DiffusionModel,
@@ -90,6 +91,58 @@ def test_user_fields_and_their_errors(tmp_path):
             load_fields(path)
     with pytest.raises(DataError, match="divide"):
         load_fields(tmp_path / "f.npy", resolution=3)
+
+
+def test_the_kolmogorov_symmetry_group_commutes_with_the_flow():
+    """Every element the training samples maps solutions to solutions: the vorticity equation's explicit part
+    (advection and the forcing -k cos(k y); its linear part is isotropic) commutes with it. A reflection in y
+    and a shift in y by less than half a forcing period do not, which shows the check can fail."""
+    from densiray.data.fields import _initial_vorticity, _Spectral
+
+    n, k = 32, 4
+    sp = _Spectral(n)
+    w = _initial_vorticity(n, 1, seed=3)[0]
+    y = torch.arange(n, dtype=torch.float64) * 2 * math.pi / n
+    f = (-k * torch.cos(k * y))[:, None].expand(n, n)
+
+    def rhs(v):
+        return torch.fft.irfft2(sp.advection(torch.fft.rfft2(v)), s=(n, n)) + f
+
+    sym = Symmetry("kolmogorov", (1, n, n), wavenumber=k)
+    elements = np.array([[1, 5], [3, 0], [2, 7], [7, 31], [0, 3]])
+    assert set(sym.draws(4096, 0)[:, 0]) == set(range(2 * k))
+    scale = float(rhs(w).abs().max())
+    for e in elements:
+        def t(v, e=e):
+            return sym.apply(v[None, None], e[None])[0, 0]
+        assert float((rhs(t(w)) - t(rhs(w))).abs().max()) < 1e-9 * scale
+    for t in (lambda v: torch.flip(v, (0,)), lambda v: torch.roll(v, 1, 0), lambda v: -torch.roll(v, n // (2 * k), 0)):
+        assert float((rhs(t(w)) - t(rhs(w))).abs().max()) > 1e-2 * scale
+
+
+def test_training_fields_are_augmented_by_the_data_symmetry(cache, tmp_path):
+    from densiray.train.diffusion import DiffusionTask
+    from densiray.train.task import rank_batches
+
+    sim = {k: v for k, v in TINY_SIM.items() if k != "resolution"}
+    task = DiffusionTask("kolmogorov", {"resolution": 16, "base": 8, "mults": [1, 2], "simulation": sim})
+    assert task.symmetry.kind == "kolmogorov" and task.dataset["symmetry"] == "kolmogorov"
+    a = torch.cat(list(task.batches(0, 0, 1, 8)))
+    assert torch.equal(a, torch.cat(list(task.batches(0, 0, 1, 8))))  # reproducible
+    assert not torch.equal(a, torch.cat(list(task.batches(1, 0, 1, 8))))
+    rows = next(rank_batches(len(task.train_x), 0, 7, 0, 1, 8))
+    raw = torch.from_numpy(task.train_x[rows.numpy()])
+    assert not torch.equal(a[:8], raw)
+    # the same fields in another orientation: per-field sums of squares about data zero are kept
+    zero = torch.as_tensor(-task.mean / task.std, dtype=torch.float32)[None, :, None, None]
+    torch.testing.assert_close(((a[:8] - zero) ** 2).sum((1, 2, 3)), ((raw - zero) ** 2).sum((1, 2, 3)))
+    plain = DiffusionTask("kolmogorov", {"resolution": 16, "base": 8, "mults": [1, 2], "symmetry": "none",
+                                         "simulation": sim})
+    assert torch.equal(torch.cat(list(plain.batches(0, 0, 1, 8)))[:8], raw)
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).normal(size=(12, 1, 12, 12)).astype(np.float32))
+    assert DiffusionTask(str(tmp_path / "f.npy"), {"base": 8, "mults": [1, 2]}).symmetry.kind == "none"
+    with pytest.raises(ConfigError, match="model.symmetry: .*divide by 2k = 8"):
+        DiffusionTask(str(tmp_path / "f.npy"), {"base": 8, "mults": [1, 2], "symmetry": "kolmogorov"})
 
 
 # --- sampling, likelihood and conditioning against a known prior -----------------------------------

@@ -192,6 +192,9 @@ register(Family(
         "base": {"type": int, "help": "U-Net channels at full resolution (default 32)"},
         "blocks": {"type": int, "help": "residual blocks per U-Net level (default 1)"},
         "ema_decay": {"type": float, "help": "EMA decay of the exported weights (default 0.999; 0: off)"},
+        "symmetry": {"choices": ["auto", "none", "translations", "kolmogorov"],
+                     "help": "symmetries that augment the training fields (default auto: Kolmogorov flow's for "
+                             "the simulated dataset, none for files)"},
     },
 ))
 

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from densiray.errors import DataError
 
 __all__ = ["Fields", "KolmogorovConfig", "simulate_kolmogorov", "kolmogorov", "load_fields", "field_statistics",
-           "steady_state", "coarsen", "cache_dir"]
+           "steady_state", "coarsen", "cache_dir", "Symmetry"]
 
 
 class KolmogorovConfig(BaseModel):
@@ -347,3 +347,57 @@ def steady_state(fields: Fields | np.ndarray, groups: np.ndarray | None = None, 
            "spectrum": float(np.abs(np.log(sa / sb)).mean())}
     return {"steady": bool(all(v < tolerance for v in rel.values())), "relative_difference": rel,
             "first_half": a, "second_half": b}
+
+
+class Symmetry:
+    """A group of transformations that leaves the fields' distribution unchanged, sampled per field to
+    augment training data (a prior trained on every transformed copy learns the symmetric score it should).
+
+    * ``translations``: periodic shifts by any number of pixels in both axes (statistically homogeneous
+      fields in a periodic box).
+    * ``kolmogorov``: Kolmogorov flow forced by sin(k y) along the first grid axis (y). Its vorticity's law is
+      invariant under shifts in x and under the shift-reflect S: ω(x, y) -> −ω(−x, y + π/k), half a forcing
+      period (S² is a shift by one period); 2k · W elements on a W-wide grid. Needs H divisible by 2k.
+      A reflection in y is a symmetry only about the forcing's extrema, which a block-averaged grid does not
+      map onto itself, so it is left out.
+
+    Transforms act on standardised fields; ``zero`` is the standardised value of 0 in data units per channel
+    (negating the vorticity is about 0, not about the training mean).
+    """
+
+    KINDS = ("none", "translations", "kolmogorov")
+
+    def __init__(self, kind: str, shape: tuple[int, int, int], zero=None, wavenumber: int = 4):
+        if kind not in self.KINDS:
+            raise DataError(f"unknown symmetry {kind!r}: one of {', '.join(self.KINDS)}")
+        c, h, w = shape
+        if kind == "kolmogorov" and h % (2 * wavenumber):
+            raise DataError(f"the kolmogorov symmetry shifts y by half a forcing period: the grid height {h} "
+                            f"must divide by 2k = {2 * wavenumber}")
+        self.kind, self.h, self.w, self.k = kind, h, w, wavenumber
+        self.zero = torch.zeros(c) if zero is None else torch.as_tensor(zero, dtype=torch.float32)
+
+    def __bool__(self) -> bool:
+        return self.kind != "none"
+
+    def draws(self, n: int, seed) -> np.ndarray:
+        """One group element per field, (n, 2) integers, reproducible from ``seed``."""
+        high = [self.h, self.w] if self.kind == "translations" else [2 * self.k, self.w]
+        return np.random.default_rng(seed).integers(0, high, size=(n, 2))
+
+    def apply(self, x: torch.Tensor, draws: np.ndarray) -> torch.Tensor:
+        """Fields (B, C, H, W) transformed by the elements ``draws`` (B, 2) of :meth:`draws`."""
+        if not self:
+            return x
+        out = torch.empty_like(x)
+        zero = self.zero.to(x)[:, None, None]
+        for i, (a, b) in enumerate(draws.tolist()):
+            f = x[i]
+            if self.kind == "translations":
+                f = torch.roll(f, (a, b), (-2, -1))
+            else:
+                if a % 2:
+                    f = 2 * zero - torch.flip(f, (-1,))
+                f = torch.roll(f, (a * self.h // (2 * self.k), b), (-2, -1))
+            out[i] = f
+        return out

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -66,6 +67,11 @@ class DiffusionConfig(BaseModel):
     mults: list[int] = Field(default_factory=lambda: [1, 2, 2], description="channel multipliers per level")
     blocks: int = Field(1, ge=1, le=8, description="residual blocks per level")
     circular: bool = Field(True, description="circular padding (periodic fields)")
+    symmetry: Literal["auto", "none", "translations", "kolmogorov"] = Field(
+        "auto", description="symmetries of the fields' distribution that training samples at random (data "
+        "augmentation): 'translations' periodic shifts in both axes; 'kolmogorov' the group of Kolmogorov flow "
+        "forced by sin(k y) (shifts in x, and x -> -x with y -> y + half a forcing period and the vorticity's sign "
+        "flipped); 'auto' 'kolmogorov' for the simulated dataset, 'none' for user fields")
     sigma_data: float = Field(1.0, gt=0)
     p_mean: float = -1.2
     p_std: float = Field(1.2, gt=0)

@@ -3,7 +3,9 @@
 Data: ``kolmogorov`` (the simulator of :mod:`densiray.data.fields`, at ``model.resolution``, default
 64) or a user ``.npy``/``.npz`` of fields (N, C, H, W). Splits are by trajectory for simulated fields
 (held-out fields come from runs never trained on), else by field: 80 / 10 / 10 %. Fields are
-standardised per channel with the training split's mean and std.
+standardised per channel with the training split's mean and std. Training fields are transformed by a
+random element of the data's symmetry group every epoch (``model.symmetry``; Kolmogorov flow's by
+default for the simulated dataset, none for user fields).
 
 Validation metric ``val_loss`` (mode min): the EDM-weighted denoising loss of the validation fields at a
 fixed set of noise levels (the 8 octiles of the training σ distribution) and fixed noise, so it is
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from densiray.data.fields import Fields, KolmogorovConfig, field_statistics, kolmogorov, load_fields
+from densiray.data.fields import Fields, KolmogorovConfig, Symmetry, field_statistics, kolmogorov, load_fields
 from densiray.errors import ConfigError, DataError
 from densiray.models.diffusion import (
     DiffusionConfig,
@@ -68,7 +70,19 @@ class DiffusionTask(Task):
                         "split": {"train": int(len(train)), "val": int(len(val)), "test": int(len(test))},
                         **({"simulation": fields.meta.get("config"), "fine": fields.meta.get("fine"),
                             "cache_key": fields.meta.get("cache_key")} if fields.meta else {})}
+        self.symmetry = self._symmetry(config.symmetry, fields)
+        self.dataset["symmetry"] = self.symmetry.kind
         self._val_noise = None
+
+    def _symmetry(self, kind: str, fields: Fields) -> Symmetry:
+        simulated = fields.name == "kolmogorov" and fields.meta
+        if kind == "auto":
+            kind = "kolmogorov" if simulated else "none"
+        k = int((fields.meta.get("config") or {}).get("wavenumber", 4)) if simulated else 4
+        try:
+            return Symmetry(kind, fields.shape, zero=-self.mean / self.std, wavenumber=k)
+        except DataError as e:
+            raise ConfigError(f"model.symmetry: {e}") from None
 
     @staticmethod
     def _load(dataset: str, config: DiffusionConfig, data_seed: int, n: int | None) -> Fields:
@@ -115,7 +129,7 @@ class DiffusionTask(Task):
     def with_model(self, overrides: dict) -> DiffusionTask:
         """The same fields under another architecture/loss config (data settings cannot change here)."""
         merged = {**self.requested_model, **overrides}
-        for key in ("resolution", "simulation"):
+        for key in ("resolution", "simulation", "symmetry"):
             if merged.get(key) != self.requested_model.get(key):
                 raise ConfigError(f"model.{key} changes the data; it cannot be part of a sweep")
         new = copy.copy(self)
@@ -129,8 +143,12 @@ class DiffusionTask(Task):
         return DiffusionModule(self.config)
 
     def batches(self, epoch: int, rank: int, world: int, batch_size: int) -> Iterator[torch.Tensor]:
+        # one symmetry element per field and epoch, drawn for all fields: the run does not depend on the world size
+        draws = self.symmetry.draws(len(self.train_x), [epoch, 17]) if self.symmetry else None
         for idx in rank_batches(len(self.train_x), epoch, 7, rank, world, batch_size):
-            yield torch.from_numpy(self.train_x[idx.numpy()])
+            rows = idx.numpy()
+            batch = torch.from_numpy(self.train_x[rows])
+            yield self.symmetry.apply(batch, draws[rows]) if draws is not None else batch
 
     def loss(self, engine, batch: torch.Tensor, ctx: StepContext):
         module = engine.module
