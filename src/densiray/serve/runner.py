@@ -29,6 +29,9 @@ from densiray.errors import DensirayError
 from densiray.serve.settings import ServeSettings
 
 READY_TIMEOUT_S = 120
+# Serve's controller kills a proxy that is not ready 5 s after it started (Ray's default), and ``serve.start``
+# then fails with the dead actor: on a busy machine a proxy takes longer than that to import and bind.
+PROXY_READY_TIMEOUT_S = 60
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -155,12 +158,30 @@ def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, r
     if running is None and not _port_free(host, proxy_port):
         raise DensirayError(f"port {proxy_port} on {host} is in use by another program; pass another --port")
     # The proxy's access log costs CPU on every request; it follows the `access_log` setting.
-    serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly",
-                logging_config={"enable_access_log": resolved.access_log})
+    _start_serve(serve, host, proxy_port, resolved.access_log)
     serve.run(build_app(resolved.model_dump()), name=APP_NAME, route_prefix="/")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     _wait_ready(url, READY_TIMEOUT_S)
     return url
+
+
+def _start_serve(serve, host: str, port: int, access_log: bool) -> None:
+    """``serve.start`` with a proxy ready-check that a busy machine can meet; a proxy that still dies on the
+    first try is left to the controller, which restarts it, and a second call joins that controller."""
+    import ray
+
+    ready = os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_TIMEOUT_S))
+    for attempt in (1, 2):
+        try:
+            serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly",
+                        logging_config={"enable_access_log": access_log},
+                        controller_options={"runtime_env": {"env_vars": {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": ready}}})
+            return
+        except (ray.exceptions.RayActorError, TimeoutError) as e:
+            if attempt == 2:
+                raise DensirayError(f"Ray Serve's HTTP proxy did not start ({' '.join(str(e).split())[:120]}); "
+                                    f"the machine may be overloaded (1-min load average {os.getloadavg()[0]:.1f}): "
+                                    "try again") from None
 
 
 def shutdown() -> None:
