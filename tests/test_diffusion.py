@@ -139,6 +139,10 @@ def test_training_fields_are_augmented_by_the_data_symmetry(cache, tmp_path):
     plain = DiffusionTask("kolmogorov", {"resolution": 16, "base": 8, "mults": [1, 2], "symmetry": "none",
                                          "simulation": sim})
     assert torch.equal(torch.cat(list(plain.batches(0, 0, 1, 8)))[:8], raw)
+    # a simulated grid without room for the half-period shift (12 is not a multiple of 2k = 8): auto means none
+    odd = DiffusionTask("kolmogorov", {"resolution": 12, "base": 8, "mults": [1, 2],
+                                       "simulation": {**sim, "fine": 24}})
+    assert odd.symmetry.kind == "none"
     np.save(tmp_path / "f.npy", np.random.default_rng(0).normal(size=(12, 1, 12, 12)).astype(np.float32))
     assert DiffusionTask(str(tmp_path / "f.npy"), {"base": 8, "mults": [1, 2]}).symmetry.kind == "none"
     with pytest.raises(ConfigError, match="model.symmetry: .*divide by 2k = 8"):

@@ -76,9 +76,9 @@ class DiffusionTask(Task):
 
     def _symmetry(self, kind: str, fields: Fields) -> Symmetry:
         simulated = fields.name == "kolmogorov" and fields.meta
-        if kind == "auto":
-            kind = "kolmogorov" if simulated else "none"
         k = int((fields.meta.get("config") or {}).get("wavenumber", 4)) if simulated else 4
+        if kind == "auto":  # the flow's group where the grid has room for its half-period shift
+            kind = "kolmogorov" if simulated and fields.shape[1] % (2 * k) == 0 else "none"
         try:
             return Symmetry(kind, fields.shape, zero=-self.mean / self.std, wavenumber=k)
         except DataError as e:
