@@ -1,6 +1,7 @@
 """One real local Ray instance for the whole test session (starting Ray costs ~10 s)."""
 
 import os
+import signal
 
 import pytest
 
@@ -16,6 +17,7 @@ def ray_cluster():
     from densiray.api import ensure_ray
 
     ensure_ray(num_cpus=2, log_to_driver=False)
+    _sigterm_tears_down()  # ray.init replaced it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -31,3 +33,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def _sigterm_tears_down() -> None:
+    """SIGTERM (a CI runner's timeout, `kill`) interrupts the session as Ctrl-C does, so that fixtures are
+    torn down: the multi-node tests' Ray nodes run in sessions of their own and outlived a killed pytest."""
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before every test, since a test may replace the handler (Ray's own, a command's and its reset)."""
+    _sigterm_tears_down()

@@ -288,6 +288,27 @@ def test_the_progress_thread_ends_when_its_queue_is_gone(ray_cluster):
     assert not watcher._thread.is_alive()
 
 
+
+def test_workers_find_this_rays_state_api_by_address_not_by_searching_the_machine(ray_cluster):
+    """Ray Train's placement-group cleaner queries the state API from a worker. Left to find it, Ray
+    greps `ps` for GCS servers, and a second Ray instance on the machine made it raise "Found multiple
+    active Ray instances" (its thread died, a run hung). A worker must resolve this instance's dashboard
+    from its environment, and the state API must answer there."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def resolve():
+        from ray.dashboard.utils import get_address_for_submission_client
+        from ray.util.state import list_actors
+
+        list_actors(limit=1)  # raises when the state API cannot be reached
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), get_address_for_submission_client(None)
+
+    env_url, resolved = ray.get(resolve.remote(), timeout=60)
+    assert env_url == resolved == f"http://{ray._private.worker.get_dashboard_url()}"  # this instance's own
+    # and only its processes: in the driver it would override the address of every state and job API call
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
 # ---------------------------------------------------------------------------------------------------
 # in-process runs (workers: 0), as a notebook makes them
 

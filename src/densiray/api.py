@@ -98,6 +98,45 @@ class _AuthNotice(logging.Filter):
         return not record.getMessage().startswith("Token authentication is enabled")
 
 
+API_SERVER_KEY = "RAY_API_SERVER_ADDRESS"
+
+
+def _init_local_ray(num_cpus, log_to_driver, runtime_env, quiet, attempts: int = 3) -> None:
+    """Start a local Ray whose processes find its state API by address, not by searching the machine.
+
+    The dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls from
+    a worker. Without an address Ray looks for ``gcs_server`` processes with ``ps``, and with a second Ray
+    instance anywhere on the machine (another user's, a benchmark's) it raises "Found multiple active Ray
+    instances": the cleaner's thread dies and a run can hang. So the dashboard gets a port chosen here, and
+    the raylet starts with its URL in ``RAY_API_SERVER_ADDRESS``: every worker it starts, for any job on
+    this instance, inherits it. The variable is set only while Ray starts: in this process it would
+    override every explicit address given to the state and job APIs (another cluster's included). A port
+    taken between the choice and the start leaves Ray without a dashboard; that start is undone and tried
+    again on another port.
+    """
+    import ray
+
+    from densiray.cluster import _free_port
+
+    before = os.environ.get(API_SERVER_KEY)
+    try:
+        for _ in range(attempts):
+            port = _free_port()
+            os.environ[API_SERVER_KEY] = f"http://127.0.0.1:{port}"
+            ctx = ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env,
+                           dashboard_host="127.0.0.1", dashboard_port=port, **quiet)
+            if ctx.dashboard_url:
+                return
+            ray.shutdown()
+        os.environ.pop(API_SERVER_KEY)  # no dashboard on any port: as Ray starts by itself, searching
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_KEY, None)
+        else:
+            os.environ[API_SERVER_KEY] = before
+
+
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect to the cluster in RAY_ADDRESS (or the ``ray job submit`` one), else start a local Ray."""
     for k, v in JOB_ENV.items():
@@ -116,8 +155,7 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
         # (not the warning for a cluster without auth) is left out unless verbose.
         if not log_to_driver:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_AuthNotice())
-        # The dashboard (on 127.0.0.1) serves the state API that Ray Train's cleanup thread polls.
-        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
+        _init_local_ray(num_cpus, log_to_driver, runtime_env, quiet)
     if console._sigterm_stops:  # the command line's SIGTERM handler, which ray.init replaced
         console.stop_on_sigterm()
 

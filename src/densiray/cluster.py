@@ -129,6 +129,9 @@ class LocalCluster:
     def _env(self) -> dict:
         env = {**os.environ, **self.env}
         env.pop("RAY_ADDRESS", None)  # a node must not join whatever cluster the caller points at
+        # its processes find the state API here, not by searching the machine for Ray instances (see
+        # densiray.api._init_local_ray)
+        env["RAY_API_SERVER_ADDRESS"] = self.dashboard
         if env.get("PYTHONPATH"):  # the nodes' workers run elsewhere: relative entries would break
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
         # a job's entrypoint `python ...` must be this environment's Python (the one the nodes run), not
