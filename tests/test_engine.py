@@ -342,6 +342,29 @@ def test_training_twice_in_process_works_and_records_strategy_and_nodes(ray_clus
     assert manifests[1]["provenance"]["zero_stage"] == 2
 
 
+@pytest.mark.slow
+def test_an_in_process_run_starts_no_ray_and_shows_its_epochs(tmp_path):
+    """`workers: 0` is Ray Train's local mode: a notebook's run trains, reports every epoch to its live
+    view and exports without starting a local Ray (which cost ~10 s and a dozen processes)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import ray
+from densiray.api import train
+out = train("dnmm", "moons", config={{"n": 600}}, overrides={{"train": {{"workers": 0, "epochs": 2, "patience": 0}},
+            "model": {SMALL!r}}}, name="local", store={str(tmp_path / "models")!r}, plot=False)
+assert out["epochs_run"] == 2, out
+assert not ray.is_initialized(), "an in-process run started Ray"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+    assert "epoch 2/2" in done.stdout + done.stderr  # the live view's lines, drawn without a Ray queue
+
+
 def _dies_at_epoch_2(task):
     """A copy of the DNMM ``task`` whose epoch 2 raises "killed": a run that dies mid-way."""
     import copy

@@ -242,8 +242,9 @@ def train(kind: str, dataset: str | None = None, *, config: str | os.PathLike | 
         print(f"densiray: resuming unfinished run {name!r} from its latest checkpoint")
     t0 = time.perf_counter()
     with console.logs_to(f"{run_path}/densiray.log" if "://" not in run_path else None, verbose) as log:
-        ensure_ray(log_to_driver=verbose)
-        _check_resources(tc)
+        if tc.workers > 0:  # in-process (workers 0) is Ray Train's local mode: no Ray to start
+            ensure_ray(log_to_driver=verbose)
+            _check_resources(tc)
         view = None if verbose else console.EpochView(task.metric, tc.epochs)
         try:
             result = fit(task, tc, name=name, storage=runs_uri(store), progress=view or True)

@@ -1080,6 +1080,22 @@ class _ProgressWatcher:
             self.queue.shutdown()
 
 
+class _LocalProgress:
+    """The in-process run's live view: the loop runs in this process, so each epoch is drawn at once (no Ray)."""
+
+    def __init__(self, callback):
+        self.callback, self.queue = callback, self
+
+    def put_nowait(self, item: dict) -> None:
+        try:
+            self.callback(item)
+        except Exception:  # a drawing problem must never stop training
+            logging.getLogger("densiray").debug("progress callback failed", exc_info=True)
+
+    def stop(self, wait: bool = True) -> None:
+        pass
+
+
 def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) -> FitResult:
     """Train ``task`` on Ray Train (or in-process with ``workers=0``); resume if the run exists.
 
@@ -1115,7 +1131,9 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
     elif tc.workers == 0 and "://" not in storage:
         local_dir = os.path.join(storage, name, "local")
     staging_dir = None if local_dir else worker_staging_dir(storage, name)
-    watcher = _ProgressWatcher(progress) if callable(progress) and not in_tune else None
+    watcher = None
+    if callable(progress) and not in_tune:  # in-process (Ray Train's local mode): no Ray needed
+        watcher = _LocalProgress(progress) if tc.workers == 0 else _ProgressWatcher(progress)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task, "train": tc.model_dump(), "local_dir": local_dir, "tune": in_tune,
@@ -1146,7 +1164,8 @@ def fit(task: Task, tc: TrainConfig, *, name: str, storage: str, progress=True) 
                 remove_staging_dir(staged)
 
 
-def _fit_result(trainer, task: Task, watcher: _ProgressWatcher | None, local_dir: str | None) -> FitResult:
+def _fit_result(trainer, task: Task, watcher: _ProgressWatcher | _LocalProgress | None,
+                local_dir: str | None) -> FitResult:
     """Run ``trainer`` and read the best weights and loop state from its last checkpoint."""
     import ray.train
 
