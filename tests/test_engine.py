@@ -288,7 +288,6 @@ def test_the_progress_thread_ends_when_its_queue_is_gone(ray_cluster):
     assert not watcher._thread.is_alive()
 
 
-
 def test_workers_find_this_rays_state_api_by_address_not_by_searching_the_machine(ray_cluster):
     """Ray Train's placement-group cleaner queries the state API from a worker. Left to find it, Ray
     greps `ps` for GCS servers, and a second Ray instance on the machine made it raise "Found multiple
@@ -308,6 +307,7 @@ def test_workers_find_this_rays_state_api_by_address_not_by_searching_the_machin
     assert env_url == resolved == f"http://{ray._private.worker.get_dashboard_url()}"  # this instance's own
     # and only its processes: in the driver it would override the address of every state and job API call
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
 
 # ---------------------------------------------------------------------------------------------------
 # in-process runs (workers: 0), as a notebook makes them
