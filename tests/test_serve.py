@@ -177,13 +177,16 @@ def test_log_prob_batch_groups_by_model_slices_rows_and_isolates_failures():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, own_ray", [(signal.SIGINT, False), (signal.SIGTERM, True)],
-                         ids=["ctrl-c, on a cluster (proxy ingress)", "sigterm, its own Ray (direct ingress)"])
+                         ids=["ctrl-c, on a cluster (proxy ingress)",
+                              "sigterm to its process group, its own Ray (direct ingress)"])
 def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(ray_cluster, tmp_path, sig, own_ray):
     """``densiray serve`` stops on SIGTERM (container runtimes, systemd) as on Ctrl-C: requests in flight
     are answered, Serve (and a Ray it started) shut down, exit 0, no traceback (native or Python).
 
     On the test cluster (RAY_ADDRESS) it serves through Serve's proxy; on a Ray of its own, by
-    default, through the replica itself (direct ingress)."""
+    default, through the replica itself (direct ingress). Its own Ray gets the SIGTERM as systemd and
+    `timeout` send it, to the whole process group: Ray's processes stop with it, and the command must not
+    wait 60 s for a GCS that is gone (it did, and ended on a fatal-looking Ray error)."""
     from ray import serve
 
     port = free_port()
@@ -194,7 +197,7 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
         serve.shutdown()  # an earlier test's Serve on the shared cluster would hold another port
     proc = subprocess.Popen([sys.executable, "-m", "densiray.cli", "serve", "--store", str(tmp_path / "empty"),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=own_ray)
     lines: list[str] = []
     statuses: list[int] = []
     try:
@@ -219,12 +222,25 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
         client = threading.Thread(target=load, daemon=True)
         client.start()
         time.sleep(0.5)
-        proc.send_signal(sig)
+        t0 = time.monotonic()
+        if own_ray:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=120)
+        stop_s = time.monotonic() - t0
         client.join(30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    if own_ray:  # it did not wait out Ray's 60 s GCS timeout, and nothing of its Ray is left behind
+        import psutil
+
+        assert stop_s < 45, stop_s
+        deadline = time.monotonic() + 30  # the dashboard's module processes notice their parent is gone in ~3 s
+        while (left := [q.info for q in psutil.process_iter(["pid", "name"]) if _session_of(q.info["pid"]) == proc.pid]):
+            assert time.monotonic() < deadline, left
+            time.sleep(0.5)
     text = out + rest
     assert proc.returncode == 0, text[-3000:]
     assert "densiray: stopped" in rest and "Traceback" not in text and "PC: @" not in text, text[-3000:]
@@ -237,6 +253,13 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
         assert "densiray" not in serve.status().applications
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def test_settings_and_config_file_are_validated():

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -135,6 +136,52 @@ def _init_local_ray(num_cpus, log_to_driver, runtime_env, quiet, attempts: int =
             os.environ.pop(API_SERVER_KEY, None)
         else:
             os.environ[API_SERVER_KEY] = before
+
+
+def local_ray_gone(wait_s: float = 0.5) -> bool:
+    """Whether this process started a local Ray that the same signal reached (waiting up to ``wait_s``).
+
+    A SIGTERM sent to the whole process group (systemd's stop, ``timeout``, ``kill -- -PGID``) reaches Ray's
+    own processes too: its dashboard and log monitor exit at once, its GCS within seconds, and Ray's shutdown
+    then waits 60 s for the GCS and ends with a fatal-looking error. Sent to this process alone, none of
+    them exits before Ray's shutdown.
+    """
+    import psutil
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if not ray.is_initialized() or node is None or not node.head:
+        return False
+    pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
+
+    def exited(pid: int) -> bool:  # Popen.poll() answers None while Ray's own thread waits on the process
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + wait_s
+    while pids and not any(exited(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return bool(pids)
+
+
+def abandon_local_ray(code: int):
+    """Stop what is left of this process's local Ray and exit with ``code`` at once, skipping Ray's shutdown
+    (which would wait 60 s for a GCS that is gone): after :func:`local_ray_gone`."""
+    import sys
+
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        with contextlib.suppress(Exception):
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:

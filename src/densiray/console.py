@@ -45,6 +45,11 @@ def stop_on_sigterm() -> None:
         terminated = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
         on_ctrl_c = signal.getsignal(signal.SIGINT)
+        if "ray" in sys.modules:
+            from densiray import api
+
+            if api.local_ray_gone():  # sent to the process group: Ray stops too; its handler would wait 60 s
+                on_ctrl_c = None  # for the GCS (the command then exits without Ray's shutdown)
         if callable(on_ctrl_c) and on_ctrl_c is not signal.default_int_handler:
             # Ray Train's, during a run: it aborts the run's controller, which hands back the run's resource
             # request. Killed without it, the controller's request holds the nodes for 180 s, and an elastic
