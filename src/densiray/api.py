@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -171,8 +172,6 @@ def local_ray_gone(wait_s: float = 0.5) -> bool:
 def abandon_local_ray(code: int):
     """Stop what is left of this process's local Ray and exit with ``code`` at once, skipping Ray's shutdown
     (which would wait 60 s for a GCS that is gone): after :func:`local_ray_gone`."""
-    import sys
-
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)

@@ -175,9 +175,9 @@ def _serve(args) -> int:
         import ray
 
         print(f"densiray: {'SIGTERM received, ' if console.terminated else ''}stopping Serve", flush=True)
-        from densiray import api
+        if console.ray_lost:  # the SIGTERM reached Ray's processes too
+            from densiray import api
 
-        if console.terminated and api.local_ray_gone():  # the signal reached Ray's processes too
             print("densiray: stopped (Ray's own processes got the signal too)", flush=True)
             api.abandon_local_ray(0)
         if ray.is_initialized():
@@ -375,11 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         what = "stopped (SIGTERM)" if console.terminated else "interrupted"
         print(f"densiray: {what}; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        if console.terminated and "ray" in sys.modules:
+        if console.ray_lost:  # the SIGTERM reached Ray's processes too: its shutdown would wait 60 s
             from densiray import api
 
-            if api.local_ray_gone():  # the signal reached Ray's processes too: its shutdown would wait 60 s
-                api.abandon_local_ray(143)
+            api.abandon_local_ray(143)
         return 143 if console.terminated else 130
     finally:  # from here on (Ray's shutdown at exit) a SIGTERM simply ends the process, without a traceback
         console.default_sigterm()

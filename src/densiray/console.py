@@ -23,6 +23,7 @@ class Terminated(KeyboardInterrupt):
 
 _sigterm_stops = False
 terminated = False  # a SIGTERM arrived (Ray turns the exception raised inside ray.get into a KeyboardInterrupt)
+ray_lost = False  # ... and reached this process's own local Ray too (api.local_ray_gone): skip Ray's shutdown
 
 
 def stop_on_sigterm() -> None:
@@ -41,15 +42,15 @@ def stop_on_sigterm() -> None:
     _sigterm_stops = True
 
     def stop(signum, frame):
-        global terminated
+        global terminated, ray_lost
         terminated = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
-        on_ctrl_c = signal.getsignal(signal.SIGINT)
         if "ray" in sys.modules:
             from densiray import api
 
-            if api.local_ray_gone():  # sent to the process group: Ray stops too; its handler would wait 60 s
-                on_ctrl_c = None  # for the GCS (the command then exits without Ray's shutdown)
+            ray_lost = api.local_ray_gone()  # sent to the process group: Ray's processes stop too
+        # Ray's handler, and later Ray's shutdown, would wait 60 s for a GCS that is gone
+        on_ctrl_c = None if ray_lost else signal.getsignal(signal.SIGINT)
         if callable(on_ctrl_c) and on_ctrl_c is not signal.default_int_handler:
             # Ray Train's, during a run: it aborts the run's controller, which hands back the run's resource
             # request. Killed without it, the controller's request holds the nodes for 180 s, and an elastic

@@ -100,9 +100,7 @@ def run(*, dataset: str = "moons", store: str | None = None, trials: int = 8, ep
                 except KeyboardInterrupt:
                     pass
         finally:
-            if console.terminated and started_ray and api.local_ray_gone():
-                pass  # the SIGTERM reached Ray's processes too: the command line exits without Ray's shutdown
-            else:
+            if not console.ray_lost:  # else the command line exits without Ray's shutdown
                 with console.stdout_to(summary.get("log")):  # Ray's notices while Serve stops: to the log
                     ds.shutdown()
                     if started_ray:
