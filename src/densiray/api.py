@@ -172,10 +172,16 @@ def local_ray_gone(wait_s: float = 0.5) -> bool:
 def abandon_local_ray(code: int):
     """Stop what is left of this process's local Ray and exit with ``code`` at once, skipping Ray's shutdown
     (which would wait 60 s for a GCS that is gone): after :func:`local_ray_gone`."""
+    import psutil
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None:
+        # the raylet's own children (its agents, the workers) first: orphaned, an agent lingered over 30 s
+        for info in [p for procs in node.all_processes.values() for p in procs]:
+            with contextlib.suppress(Exception):
+                for child in psutil.Process(info.process.pid).children(recursive=True):
+                    child.kill()
         with contextlib.suppress(Exception):
             node.kill_all_processes(check_alive=False, allow_graceful=False)
     sys.stdout.flush()
