@@ -184,6 +184,15 @@ def abandon_local_ray(code: int):
                     child.kill()
         with contextlib.suppress(Exception):
             node.kill_all_processes(check_alive=False, allow_graceful=False)
+    # and Ray's processes of this process group that a dead raylet left orphaned: the group's SIGTERM reached
+    # them too, so this only finishes what it asked for (the runtime-env agent outlived it by over 30 s)
+    ray_dir, group = os.path.dirname(ray.__file__), os.getpgid(0)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(Exception):
+            if proc.pid != os.getpid() and os.getpgid(proc.pid) == group:
+                name, cmd = proc.info["name"] or "", " ".join(proc.info["cmdline"] or [])
+                if name.startswith(("ray::", "ray-")) or ray_dir in cmd:
+                    proc.kill()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
