@@ -262,6 +262,75 @@ def _session_of(pid: int) -> int | None:
         return None
 
 
+def test_a_restart_waits_for_the_port_a_stopped_server_left_in_time_wait_and_refuses_a_taken_one(monkeypatch, capsys):
+    """A server stopped with clients connected closes first and leaves its port in TCP TIME_WAIT for 60 s,
+    which Serve's direct-ingress replica (no SO_REUSEADDR) cannot bind: ``densiray serve`` restarted at once
+    failed with "in use by another program". It now waits for such a port, saying so; a port that something
+    listens on is refused at once."""
+    from densiray.errors import DensirayError
+    from densiray.serve import runner
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server's side first, as a stop does
+    srv.close()
+    time.sleep(0.1)
+    client.close()
+    assert not runner._port_free("127.0.0.1", port, reuse=False)  # TIME_WAIT, nothing listening
+    monkeypatch.setattr(runner, "TIME_WAIT_S", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(DensirayError, match=f"port {port} on 127.0.0.1 is in use"):
+        runner._claim_port("127.0.0.1", port, reuse=False)
+    assert time.monotonic() - t0 >= 1.0 and "TIME_WAIT); waiting for it" in capsys.readouterr().err
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        t0 = time.monotonic()
+        with pytest.raises(DensirayError, match="in use by another program; pass another --port"):
+            runner._claim_port("127.0.0.1", busy.getsockname()[1], reuse=False)
+        assert time.monotonic() - t0 < 0.9 and "waiting" not in capsys.readouterr().err
+
+
+def test_the_readiness_probe_closes_its_connection_itself_leaving_the_servers_port_free():
+    """The start-up probe of ``GET /healthz`` used to send ``Connection: close``: the server then closed
+    first, and its port stayed in TIME_WAIT for a minute after every start."""
+    import http.server
+
+    import psutil
+
+    from densiray.serve import runner
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        runner._wait_ready(f"http://127.0.0.1:{port}", timeout_s=10)
+        time.sleep(0.3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    held = [c for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port]
+    assert not [c for c in held if c.status == psutil.CONN_TIME_WAIT], held
+    assert runner._port_free("127.0.0.1", port, reuse=False)
+
+
 def test_settings_and_config_file_are_validated():
     import yaml
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 from densiray.errors import DensirayError
@@ -34,14 +35,49 @@ READY_TIMEOUT_S = 120
 PROXY_READY_TIMEOUT_S = 60
 
 
-def _port_free(host: str, port: int) -> bool:
+# Linux keeps the port of a closed connection in TCP TIME_WAIT for 60 s where the server closed it first
+# (a stop with clients connected); only a socket with SO_REUSEADDR may bind it then, and Serve's direct-ingress
+# replica binds without.
+TIME_WAIT_S = 65
+
+
+def _port_free(host: str, port: int, reuse: bool = True) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def _listening(host: str, port: int) -> bool:
+    """Something accepts connections on ``host:port``."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        socket.create_connection((target, port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _claim_port(host: str, port: int, reuse: bool = True) -> None:
+    """Raise unless a server could bind ``host:port`` (``reuse``: with SO_REUSEADDR, as Serve's proxy does).
+
+    A port that nothing listens on but that a server which just stopped still holds (TIME_WAIT) is waited
+    for, saying so, so that a restart right after a stop comes up instead of failing for a minute."""
+    if _port_free(host, port, reuse):
+        return
+    if not _listening(host, port):
+        print(f"densiray: port {port} is still held by the closed connections of a server that stopped "
+              f"(TCP TIME_WAIT); waiting for it, up to {TIME_WAIT_S - 5} s", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + TIME_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if _port_free(host, port, reuse):
+                return
+    raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
 
 
 def _running_http_options():
@@ -61,18 +97,27 @@ def _running_http_options():
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:
-    """Until GET /healthz answers 200 through the proxy (its route table lags the deployment)."""
-    import urllib.error
-    import urllib.request
+    """Until GET /healthz answers 200 through the proxy (its route table lags the deployment).
 
+    Over a kept-alive connection that this side closes: a ``Connection: close`` request (urllib's) has the
+    server close it, and its port then stays in TIME_WAIT for a minute after the server stops."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + timeout_s
     while True:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            r.read()
+            if r.status == 200:
+                return
+        except (OSError, http.client.HTTPException):
             pass
+        finally:
+            conn.close()
         if time.monotonic() > deadline:
             raise DensirayError(f"the Serve app did not answer {url}/healthz within {timeout_s:.0f} s; "
                                 "check `ray status` for free CPUs and the replica logs")
@@ -115,8 +160,7 @@ def _direct_ingress_env(port: int, host: str) -> None:
         if _direct["port"] != port:
             raise DensirayError(f"this Ray serves direct ingress on port {_direct['port']}; pass that port")
         return
-    if not _port_free(host, port):
-        raise DensirayError(f"port {port} on {host} is in use by another program; pass another --port")
+    _claim_port(host, port, reuse=False)  # the replica binds it without SO_REUSEADDR
     _direct["port"] = port
     os.environ.update({
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, user code and router on the main loop, ...
@@ -155,8 +199,8 @@ def start(store: str | None = None, host: str = "127.0.0.1", port: int = 8000, r
     if running is not None and (running.host, running.port) != (host, proxy_port):
         raise DensirayError(f"Ray Serve already runs on this cluster at http://{running.host}:{running.port}; "
                             f"pass --host {running.host} --port {running.port}, or stop it with `serve shutdown`")
-    if running is None and not _port_free(host, proxy_port):
-        raise DensirayError(f"port {proxy_port} on {host} is in use by another program; pass another --port")
+    if running is None:
+        _claim_port(host, proxy_port)
     # The proxy's access log costs CPU on every request; it follows the `access_log` setting.
     _start_serve(serve, host, proxy_port, resolved.access_log)
     serve.run(build_app(resolved.model_dump()), name=APP_NAME, route_prefix="/")
