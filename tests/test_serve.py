@@ -241,6 +241,11 @@ def test_densiray_serve_command_starts_answers_and_stops_on_ctrl_c_and_sigterm(r
         while (left := [q.info for q in psutil.process_iter(["pid", "name"]) if _session_of(q.info["pid"]) == proc.pid]):
             assert time.monotonic() < deadline, left
             time.sleep(0.5)
+        # The replica closed its connections to the client first, so they sit in TCP TIME_WAIT for a minute; its
+        # socket had SO_REUSEADDR (deployment.listen_with_reuseaddr), so a restart on this port need not wait.
+        from densiray.serve import runner
+
+        assert runner._port_free("127.0.0.1", port), "the port is held: a restart would wait up to 60 s"
     text = out + rest
     assert proc.returncode == 0, text[-3000:]
     assert "densiray: stopped" in rest and "Traceback" not in text and "PC: @" not in text, text[-3000:]

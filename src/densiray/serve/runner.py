@@ -36,8 +36,9 @@ PROXY_READY_TIMEOUT_S = 60
 
 
 # Linux keeps the port of a closed connection in TCP TIME_WAIT for 60 s where the server closed it first
-# (a stop with clients connected); only a socket with SO_REUSEADDR may bind it then, and Serve's direct-ingress
-# replica binds without.
+# (a stop with clients connected); only a socket with SO_REUSEADDR may bind it then, and only if the closed
+# connections' own socket had it too (Serve's direct-ingress replica binds without, unless
+# deployment.listen_with_reuseaddr applies).
 TIME_WAIT_S = 65
 
 
@@ -160,7 +161,9 @@ def _direct_ingress_env(port: int, host: str) -> None:
         if _direct["port"] != port:
             raise DensirayError(f"this Ray serves direct ingress on port {_direct['port']}; pass that port")
         return
-    _claim_port(host, port, reuse=False)  # the replica binds it without SO_REUSEADDR
+    from densiray.serve.deployment import reuseaddr_applies
+
+    _claim_port(host, port, reuse=reuseaddr_applies())  # as the replica will bind it
     _direct["port"] = port
     os.environ.update({
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, user code and router on the main loop, ...
