@@ -268,10 +268,11 @@ def _session_of(pid: int) -> int | None:
 
 
 def test_a_restart_waits_for_the_port_a_stopped_server_left_in_time_wait_and_refuses_a_taken_one(monkeypatch, capsys):
-    """A server stopped with clients connected closes first and leaves its port in TCP TIME_WAIT for 60 s,
-    which Serve's direct-ingress replica (no SO_REUSEADDR) cannot bind: ``densiray serve`` restarted at once
-    failed with "in use by another program". It now waits for such a port, saying so; a port that something
-    listens on is refused at once."""
+    """A server stopped with clients connected closes first and leaves its port in TCP TIME_WAIT for 60 s; if
+    its socket lacked SO_REUSEADDR (Serve's direct-ingress replica's did, before listen_with_reuseaddr), no
+    listener can bind the port meanwhile, and ``densiray serve`` restarted at once failed with "in use by
+    another program". It now waits for such a port, saying so; a port that something listens on is refused
+    at once."""
     from densiray.errors import DensirayError
     from densiray.serve import runner
 
