@@ -139,6 +139,11 @@ def _init_local_ray(num_cpus, log_to_driver, runtime_env, quiet, attempts: int =
             os.environ[API_SERVER_KEY] = before
 
 
+def _node_pids(node) -> list[int]:
+    """The pids of the processes a Ray node started (GCS, raylet, dashboard, log monitor, ...)."""
+    return [info.process.pid for infos in node.all_processes.values() for info in infos]
+
+
 def local_ray_gone(wait_s: float = 0.5) -> bool:
     """Whether this process started a local Ray that the same signal reached (waiting up to ``wait_s``).
 
@@ -153,7 +158,7 @@ def local_ray_gone(wait_s: float = 0.5) -> bool:
     node = getattr(ray._private.worker, "_global_node", None)
     if not ray.is_initialized() or node is None or not node.head:
         return False
-    pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
+    pids = _node_pids(node)
 
     def exited(pid: int) -> bool:  # Popen.poll() answers None while Ray's own thread waits on the process
         try:
@@ -178,9 +183,9 @@ def abandon_local_ray(code: int):
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None:
         # the raylet's own children (its agents, the workers) first: orphaned, an agent lingered over 30 s
-        for info in [p for procs in node.all_processes.values() for p in procs]:
+        for pid in _node_pids(node):
             with contextlib.suppress(Exception):
-                for child in psutil.Process(info.process.pid).children(recursive=True):
+                for child in psutil.Process(pid).children(recursive=True):
                     child.kill()
         with contextlib.suppress(Exception):
             node.kill_all_processes(check_alive=False, allow_graceful=False)

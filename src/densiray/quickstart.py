@@ -16,22 +16,12 @@ from densiray import console
 
 
 def _post(url: str, body: dict) -> dict:
-    """POST JSON over a connection this side closes (urllib's ``Connection: close`` leaves the server's port in
-    TCP TIME_WAIT for a minute, and a ``densiray serve`` on it right after would wait for it)."""
-    import http.client
-    import urllib.parse
+    from densiray.serve.runner import http_request
 
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    try:
-        conn.request("POST", parts.path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        data = r.read()
-        if r.status >= 400:
-            raise OSError(f"HTTP {r.status} from {url}: {data[:300].decode(errors='replace')}")
-        return json.loads(data)
-    finally:
-        conn.close()
+    status, data = http_request("POST", url, json.dumps(body), headers={"Content-Type": "application/json"})
+    if status >= 400:
+        raise OSError(f"HTTP {status} from {url}: {data[:300].decode(errors='replace')}")
+    return json.loads(data)
 
 
 def _mean_se(lp) -> dict:

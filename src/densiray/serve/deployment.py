@@ -48,18 +48,13 @@ class _ReuseAddrSockets:
         return sock
 
 
-def _http_util():
+def reuseaddr_applies() -> bool:
+    """Whether :func:`listen_with_reuseaddr` applies to this Ray (its Serve module looks as expected)."""
     try:
         from ray.serve._private import http_util
     except ImportError:
-        return None
-    return http_util
-
-
-def reuseaddr_applies() -> bool:
-    """Whether :func:`listen_with_reuseaddr` applies to this Ray (its Serve module looks as expected)."""
-    http_util = _http_util()
-    return http_util is not None and isinstance(http_util.__dict__.get("socket"), (types.ModuleType, _ReuseAddrSockets))
+        return False
+    return isinstance(http_util.__dict__.get("socket"), (types.ModuleType, _ReuseAddrSockets))
 
 
 def listen_with_reuseaddr() -> bool:
@@ -73,8 +68,9 @@ def listen_with_reuseaddr() -> bool:
     different is left as it is."""
     if not reuseaddr_applies():
         return False
-    http_util = _http_util()
-    if isinstance(http_util.socket, types.ModuleType):
+    from ray.serve._private import http_util
+
+    if not isinstance(http_util.socket, _ReuseAddrSockets):
         http_util.socket = _ReuseAddrSockets(http_util.socket)
     return True
 

@@ -97,28 +97,36 @@ def _running_http_options():
         return None
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
-    """Until GET /healthz answers 200 through the proxy (its route table lags the deployment).
+def http_request(method: str, url: str, body: bytes | str | None = None, timeout: float = 60,
+                 headers: dict | None = None) -> tuple[int, bytes]:
+    """One HTTP request over a connection this side closes: (status, body).
 
-    Over a kept-alive connection that this side closes: a ``Connection: close`` request (urllib's) has the
-    server close it, and its port then stays in TIME_WAIT for a minute after the server stops."""
+    urllib sends ``Connection: close``, so the server closes first and its port stays in TCP TIME_WAIT for a
+    minute after it stops; here the TIME_WAIT lands on this side's ephemeral port."""
     import http.client
     import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, parts.path or "/", body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    """Until GET /healthz answers 200 through the proxy (its route table lags the deployment)."""
+    import http.client
+
     deadline = time.monotonic() + timeout_s
     while True:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
         try:
-            conn.request("GET", "/healthz")
-            r = conn.getresponse()
-            r.read()
-            if r.status == 200:
+            if http_request("GET", f"{url}/healthz", timeout=5)[0] == 200:
                 return
         except (OSError, http.client.HTTPException):
             pass
-        finally:
-            conn.close()
         if time.monotonic() > deadline:
             raise DensirayError(f"the Serve app did not answer {url}/healthz within {timeout_s:.0f} s; "
                                 "check `ray status` for free CPUs and the replica logs")
